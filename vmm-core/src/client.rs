@@ -1,0 +1,256 @@
+//! A small async client: typed methods for every built-in command, plus
+//! [`Client::call`] and [`Client::send_raw`] for anything else. Used by
+//! `vmm-client` and by the tests.
+
+use std::fmt;
+use std::io;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+use crate::protocol::{
+    ActiveSession, AuthenticatedSession, CommandHelp, Data, DiskEntry, ErrorCode, ListType, Reply, Request,
+    VmStatus, VmView,
+};
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(io::Error),
+    /// The server closed the connection before replying.
+    Closed,
+    /// The server sent something that is not a reply of the expected shape.
+    Protocol(String),
+    /// The server answered with an error reply.
+    Server { code: ErrorCode, message: String },
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Io(err) => write!(f, "connection error: {err}"),
+            ClientError::Closed => f.write_str("the server closed the connection"),
+            ClientError::Protocol(what) => write!(f, "unexpected reply: {what}"),
+            ClientError::Server { code, message } => write!(f, "{message} ({code})"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(err: io::Error) -> ClientError {
+        ClientError::Io(err)
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// What `register` needs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub vm_id: String,
+    pub ram: u32,
+    pub cpu: u32,
+    pub password: String,
+    /// Sizes in GiB.
+    pub disks: Vec<u32>,
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("vm_id", &self.vm_id)
+            .field("ram", &self.ram)
+            .field("cpu", &self.cpu)
+            .field("password", &"<hidden>")
+            .field("disks", &self.disks)
+            .finish()
+    }
+}
+
+/// What `update` changes; `None` and empty lists leave things as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Update {
+    pub ram: Option<u32>,
+    pub cpu: Option<u32>,
+    /// `(disk id, new size in GiB)`.
+    pub resize: Vec<(i64, u32)>,
+    /// Sizes in GiB of disks to attach.
+    pub attach: Vec<u32>,
+}
+
+impl Update {
+    /// The `data` object of the request.
+    pub fn to_data(&self) -> Value {
+        let mut data = Data::new();
+        if let Some(ram) = self.ram {
+            data.insert("ram".into(), json!(ram));
+        }
+        if let Some(cpu) = self.cpu {
+            data.insert("cpu".into(), json!(cpu));
+        }
+        if !self.resize.is_empty() || !self.attach.is_empty() {
+            let disks: Vec<Value> = self
+                .resize
+                .iter()
+                .map(|(id, size)| json!({"id": id, "disk_size": size}))
+                .chain(self.attach.iter().map(|size| json!({"disk_size": size})))
+                .collect();
+            data.insert("disks".into(), Value::Array(disks));
+        }
+        Value::Object(data)
+    }
+}
+
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Client {
+    pub async fn connect(addr: impl ToSocketAddrs) -> io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.into_split();
+        Ok(Client {
+            reader: BufReader::new(reader),
+            writer,
+        })
+    }
+
+    /// Sends `text` as it is (plus a newline) and returns the next reply line,
+    /// without its newline.
+    pub async fn send_raw(&mut self, text: &str) -> Result<String> {
+        let mut line = Vec::with_capacity(text.len() + 1);
+        line.extend_from_slice(text.as_bytes());
+        line.push(b'\n');
+        self.writer.write_all(&line).await?;
+        self.read_line().await
+    }
+
+    /// Reads the next line the server sends.
+    pub async fn read_line(&mut self) -> Result<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            return Err(ClientError::Closed);
+        }
+        let trimmed = line.trim_end_matches(['\n', '\r']).len();
+        line.truncate(trimmed);
+        Ok(line)
+    }
+
+    /// Sends a request and returns the reply, success or error.
+    pub async fn call(&mut self, command: &str, data: Value) -> Result<Reply> {
+        let data = match data {
+            Value::Object(data) => data,
+            Value::Null => Data::new(),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "`data` must be an object, not {other}"
+                )));
+            }
+        };
+        let request = Request {
+            command: command.to_owned(),
+            data,
+            id: None,
+        };
+        let line = self.send_raw(&request.to_value().to_string()).await?;
+        serde_json::from_str(&line).map_err(|err| ClientError::Protocol(err.to_string()))
+    }
+
+    /// Like [`Client::call`], but an error reply becomes `Err`, and the value
+    /// under `key` in `data` is decoded (`key` empty: nothing is decoded).
+    pub async fn request<T: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        data: Value,
+        key: &str,
+    ) -> Result<T> {
+        let reply = self.call(command, data).await?;
+        if !reply.is_success() {
+            return Err(ClientError::Server {
+                code: reply.code.unwrap_or(ErrorCode::Internal),
+                message: reply.message,
+            });
+        }
+        let value = if key.is_empty() {
+            Value::Null
+        } else {
+            reply.data.get(key).cloned().unwrap_or(Value::Null)
+        };
+        serde_json::from_value(value)
+            .map_err(|err| ClientError::Protocol(format!("`{key}`: {err}")))
+    }
+
+    pub async fn ping(&mut self) -> Result<()> {
+        self.request("ping", json!({}), "").await
+    }
+
+    pub async fn register(&mut self, registration: &Registration) -> Result<VmView> {
+        let disks: Vec<Value> = registration
+            .disks
+            .iter()
+            .map(|size| json!({"disk_size": size}))
+            .collect();
+        let data = json!({
+            "vm_id": registration.vm_id,
+            "ram": registration.ram,
+            "cpu": registration.cpu,
+            "password": registration.password,
+            "disks": disks,
+        });
+        self.request("register", data, "vm").await
+    }
+
+    pub async fn authenticate(&mut self, vm_id: &str, password: &str) -> Result<VmView> {
+        let data = json!({"vm_id": vm_id, "password": password});
+        self.request("authenticate", data, "vm").await
+    }
+
+    pub async fn update(&mut self, update: &Update) -> Result<VmView> {
+        self.request("update", update.to_data(), "vm").await
+    }
+
+    pub async fn logout(&mut self) -> Result<()> {
+        self.request("logout", json!({}), "").await
+    }
+
+    pub async fn help(&mut self) -> Result<Vec<CommandHelp>> {
+        self.request("help", json!({}), "commands").await
+    }
+
+    async fn list<T: DeserializeOwned>(&mut self, kind: ListType) -> Result<Vec<T>> {
+        let data = json!({"list_type": kind});
+        self.request("list", data, kind.as_str()).await
+    }
+
+    pub async fn list_active(&mut self) -> Result<Vec<ActiveSession>> {
+        self.list(ListType::ActiveVms).await
+    }
+
+    pub async fn list_authenticated(&mut self) -> Result<Vec<AuthenticatedSession>> {
+        self.list(ListType::AuthenticatedVms).await
+    }
+
+    pub async fn list_all(&mut self) -> Result<Vec<VmStatus>> {
+        self.list(ListType::AllVms).await
+    }
+
+    pub async fn list_disks(&mut self) -> Result<Vec<DiskEntry>> {
+        self.list(ListType::AllDisks).await
+    }
+}

@@ -1,0 +1,11 @@
+//! The built-in commands, one module each. Every module submits its own
+//! [`Command`](crate::registry::Command) to the registry; nothing here lists
+//! them, and dispatch finds them by name.
+
+mod authenticate;
+mod help;
+mod list;
+mod logout;
+mod ping;
+mod register;
+mod update;

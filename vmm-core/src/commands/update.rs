@@ -1,0 +1,104 @@
+//! `update`: changes the authenticated VM's RAM, CPUs and disks, all or
+//! nothing.
+//!
+//! ```text
+//! -> {"command": "update", "data": {"ram": 2048, "cpu": 8,
+//!     "disks": [{"id": 1, "disk_size": 150}, {"disk_size": 50}]}}
+//! <- {"status":"success","message":"VM stalin updated","data":{"vm":{...}}}
+//! ```
+//!
+//! A disk with `id` is resized in place and keeps its id; it must be this
+//! VM's (else `not_found`) and may not shrink. A disk without `id` is a new
+//! disk. Disks not named are left alone (the old server deleted and
+//! re-created them all, with new ids).
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::params;
+use crate::protocol::{Data, limits};
+use crate::registry::{Command, HandlerFuture, Success};
+use crate::session::Session;
+use crate::store::VmUpdate;
+
+inventory::submit! {
+    Command {
+        name: "update",
+        summary: "change this VM's ram, cpu and disks (needs authentication)",
+        handler,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    ram: Option<i64>,
+    cpu: Option<i64>,
+    disks: Option<Vec<DiskChange>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskChange {
+    id: Option<i64>,
+    disk_size: i64,
+}
+
+fn validate(p: Params) -> Result<VmUpdate> {
+    if p.ram.is_none() && p.cpu.is_none() && p.disks.is_none() {
+        return Err(Error::invalid_params(
+            "nothing to update: give at least one of `ram`, `cpu`, `disks`",
+        ));
+    }
+    let mut update = VmUpdate {
+        ram: p.ram.map(params::ram).transpose()?,
+        cpu: p.cpu.map(params::cpu).transpose()?,
+        ..VmUpdate::default()
+    };
+    let disks = p.disks.unwrap_or_default();
+    if disks.len() > limits::MAX_DISKS {
+        return Err(Error::invalid_params(format!(
+            "`disks`: a VM has at most {} disks",
+            limits::MAX_DISKS
+        )));
+    }
+    let mut named = HashSet::new();
+    for (i, disk) in disks.iter().enumerate() {
+        let size = params::disk_size(&format!("disks[{i}].disk_size"), disk.disk_size)?;
+        match disk.id {
+            Some(id) => {
+                if !named.insert(id) {
+                    return Err(Error::invalid_params(format!(
+                        "`disks[{i}].id`: disk {id} is named twice"
+                    )));
+                }
+                update.resize.push((id, size));
+            }
+            None => update.attach.push(size),
+        }
+    }
+    Ok(update)
+}
+
+fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
+    Box::pin(async move {
+        let vm_id = session
+            .authenticated_vm()
+            .ok_or_else(Error::not_authenticated)?
+            .to_owned();
+        let update = validate(params::parse(data)?)?;
+        let vm = ctx.store.update(&vm_id, &update).await?;
+        tracing::info!(
+            vm_id = %vm_id,
+            ram = ?update.ram,
+            cpu = ?update.cpu,
+            resized = update.resize.len(),
+            attached = update.attach.len(),
+            "VM updated"
+        );
+        Success::new(format!("VM {vm_id} updated")).with("vm", vm)
+    })
+}

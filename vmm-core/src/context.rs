@@ -1,0 +1,78 @@
+//! What every handler shares: configuration, the store, the live sessions and
+//! the password hasher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::password::Passwords;
+use crate::session::Sessions;
+use crate::store::{SetupError, Store};
+
+/// Server settings. `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub db_pool_size: usize,
+    /// Open connections beyond this are answered `server_busy` and closed.
+    pub max_connections: usize,
+    /// A request longer than this is answered `request_too_large` and the
+    /// connection is closed.
+    pub max_request_bytes: usize,
+    /// How long a shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+    /// How many password hashes may run at once.
+    pub hash_concurrency: usize,
+    /// How long start-up waits for the database.
+    pub database_wait: Duration,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://vmm:vmm@127.0.0.1:5432/vmm";
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            db_pool_size: 16,
+            max_connections: 10_000,
+            max_request_bytes: 65_536,
+            shutdown_grace: Duration::from_secs(5),
+            hash_concurrency: std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1),
+            database_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Context {
+    pub config: Config,
+    pub store: Store,
+    pub sessions: Arc<Sessions>,
+    pub passwords: Passwords,
+}
+
+impl Context {
+    /// Builds a context without touching the database.
+    pub fn new(config: Config) -> Result<Arc<Context>, SetupError> {
+        let store = Store::new(&config.database_url, config.db_pool_size)?;
+        Ok(Arc::new(Context {
+            passwords: Passwords::new(config.hash_concurrency),
+            sessions: Arc::new(Sessions::new()),
+            store,
+            config,
+        }))
+    }
+
+    /// Builds a context, waits for the database (up to `config.database_wait`)
+    /// and applies the migrations: what a server does before it listens.
+    pub async fn connect(config: Config) -> Result<Arc<Context>, SetupError> {
+        let context = Context::new(config)?;
+        context
+            .store
+            .wait_until_ready(context.config.database_wait)
+            .await?;
+        context.store.migrate().await?;
+        Ok(context)
+    }
+}

@@ -1,0 +1,77 @@
+//! vmm-core: the vmm server as a library.
+//!
+//! Virtual machines connect over TCP and speak a JSON command protocol: they
+//! register with their RAM, CPUs and disks, authenticate with a password,
+//! update their resources and log out; operators list who is connected,
+//! authenticated or ever registered, and every disk. State lives in
+//! PostgreSQL.
+//!
+//! A map of the crate:
+//!
+//! - [`protocol`]: every type on the wire (requests, replies, error codes,
+//!   the views that lists return) and the protocol's limits.
+//! - [`connection`]: framing. Splits the byte stream into JSON values and
+//!   writes reply lines.
+//! - [`registry`]: the command registry. Commands are submitted with
+//!   `inventory::submit!` (re-exported as [`inventory`]) and found by name.
+//! - `commands`: the built-in commands, one module each, registering
+//!   themselves. Their doc comments show their wire format.
+//! - [`params`]: strict decoding and validation of a command's `data`.
+//! - [`session`]: the live sessions, and the calling connection's own.
+//! - [`store`]: the only module that talks to PostgreSQL, and the migrations.
+//! - [`password`]: argon2id hashing off the async threads, bounded.
+//! - [`context`]: what handlers share: [`Config`], store, sessions, hasher.
+//! - [`server`]: [`serve`], the accept loop with its connection limit and
+//!   graceful shutdown.
+//! - [`client`]: a small async [`Client`] with a typed method per command.
+//!
+//! Running a server inside your own program:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = vmm_core::Config {
+//!     database_url: "postgres://vmm:vmm@127.0.0.1:5432/vmm".into(),
+//!     ..Default::default()
+//! };
+//! let context = vmm_core::Context::connect(config).await?; // waits for the database, migrates
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8888").await?;
+//! vmm_core::serve(listener, context, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Adding a command from your own crate (see `examples/host.rs`):
+//!
+//! ```
+//! use vmm_core::{Command, Context, Data, HandlerFuture, Session, Success};
+//!
+//! fn whoami<'a>(_: &'a Context, session: &'a mut Session, _: Data) -> HandlerFuture<'a> {
+//!     Box::pin(async move { Success::new("you").with("session_id", session.id()) })
+//! }
+//!
+//! vmm_core::inventory::submit! {
+//!     Command { name: "whoami", summary: "show this connection's session", handler: whoami }
+//! }
+//! ```
+
+pub mod client;
+mod commands;
+pub mod connection;
+pub mod context;
+pub mod error;
+pub mod params;
+pub mod password;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod store;
+
+pub use client::Client;
+pub use context::{Config, Context};
+pub use error::Error;
+pub use inventory;
+pub use protocol::{Data, ErrorCode, Reply, Request};
+pub use registry::{Command, HandlerFuture, Registry, Success};
+pub use server::serve;
+pub use session::Session;
+pub use store::SetupError;

@@ -1,0 +1,391 @@
+//! Wire protocol v1: every type that crosses the socket, in one place.
+//!
+//! A request is a JSON object `{"command": "...", "data": {...}, "id": ...}`; a
+//! reply is one compact JSON object per line whose keys come in the order
+//! `status`, `message`, `data`, `code`, `id`. The struct field order below *is*
+//! that key order, so do not reorder fields.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// The `data` object of a request or reply.
+pub type Data = Map<String, Value>;
+
+/// A decoded request. Unknown top-level fields are ignored on purpose: the old
+/// clients send extras and we promised to keep them working.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub command: String,
+    pub data: Data,
+    /// Echoed verbatim in the reply; `Some(Value::Null)` for `"id": null`.
+    pub id: Option<Value>,
+}
+
+impl Request {
+    /// Validates the shape of a decoded JSON value. On failure the error still
+    /// carries the request's `id` when one could be read, so that a pipelining
+    /// client can match the error to its request.
+    pub fn from_value(value: Value) -> Result<Request, (ErrorCode, &'static str, Option<Value>)> {
+        let Value::Object(mut object) = value else {
+            return Err((
+                ErrorCode::InvalidRequest,
+                "a request must be a JSON object",
+                None,
+            ));
+        };
+        let id = match object.remove("id") {
+            None => None,
+            Some(id @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(id),
+            Some(_) => {
+                return Err((
+                    ErrorCode::InvalidRequest,
+                    "`id` must be a string, a number or null",
+                    None,
+                ));
+            }
+        };
+        let command = match object.remove("command") {
+            Some(Value::String(command)) => command,
+            Some(_) => {
+                return Err((ErrorCode::InvalidRequest, "`command` must be a string", id));
+            }
+            None => return Err((ErrorCode::InvalidRequest, "`command` is required", id)),
+        };
+        let data = match object.remove("data") {
+            None | Some(Value::Null) => Data::new(),
+            Some(Value::Object(data)) => data,
+            Some(_) => return Err((ErrorCode::InvalidRequest, "`data` must be an object", id)),
+        };
+        Ok(Request { command, data, id })
+    }
+
+    /// The request as it goes on the wire (used by the client).
+    pub fn to_value(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("command".into(), Value::String(self.command.clone()));
+        object.insert("data".into(), Value::Object(self.data.clone()));
+        if let Some(id) = &self.id {
+            object.insert("id".into(), id.clone());
+        }
+        Value::Object(object)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Success,
+    Error,
+}
+
+/// Stable error codes. Clients branch on these, so a code is never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidRequest,
+    RequestTooLarge,
+    UnknownCommand,
+    InvalidParams,
+    AlreadyExists,
+    InvalidCredentials,
+    NotAuthenticated,
+    NotFound,
+    ServerBusy,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidRequest,
+        ErrorCode::RequestTooLarge,
+        ErrorCode::UnknownCommand,
+        ErrorCode::InvalidParams,
+        ErrorCode::AlreadyExists,
+        ErrorCode::InvalidCredentials,
+        ErrorCode::NotAuthenticated,
+        ErrorCode::NotFound,
+        ErrorCode::ServerBusy,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::RequestTooLarge => "request_too_large",
+            ErrorCode::UnknownCommand => "unknown_command",
+            ErrorCode::InvalidParams => "invalid_params",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::InvalidCredentials => "invalid_credentials",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::ServerBusy => "server_busy",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One reply line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub status: Status,
+    pub message: String,
+    #[serde(default)]
+    pub data: Data,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub id: Option<Value>,
+}
+
+/// Keeps `"id": null` distinct from a missing `id`.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+impl Reply {
+    pub fn success(message: impl Into<String>, data: Data) -> Reply {
+        Reply {
+            status: Status::Success,
+            message: message.into(),
+            data,
+            code: None,
+            id: None,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply {
+            status: Status::Error,
+            message: message.into(),
+            data: Data::new(),
+            code: Some(code),
+            id: None,
+        }
+    }
+
+    pub fn with_id(mut self, id: Option<Value>) -> Reply {
+        self.id = id;
+        self
+    }
+
+    pub fn is_success(&self) -> bool {
+        self.status == Status::Success
+    }
+
+    /// The reply as one line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        // Serialising plain maps and strings cannot fail.
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| {
+            br#"{"status":"error","message":"internal error","data":{},"code":"internal"}"#
+                .to_vec()
+        });
+        line.push(b'\n');
+        line
+    }
+}
+
+/// A point in time, on the wire as RFC 3339 UTC with microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp(SystemTime::now())
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_micros(self.0))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_rfc3339_weak(&text)
+            .map(Timestamp)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A disk as it appears inside a [`VmView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskView {
+    pub id: i64,
+    /// GiB.
+    pub disk_size: u32,
+}
+
+/// A VM and its disks, as every command that returns a VM shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmView {
+    pub vm_id: String,
+    /// MiB.
+    pub ram: u32,
+    pub cpu: u32,
+    pub disks: Vec<DiskView>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// The `list_type` values of the `list` command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListType {
+    ActiveVms,
+    AuthenticatedVms,
+    AllVms,
+    AllDisks,
+}
+
+impl ListType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListType::ActiveVms => "active_vms",
+            ListType::AuthenticatedVms => "authenticated_vms",
+            ListType::AllVms => "all_vms",
+            ListType::AllDisks => "all_disks",
+        }
+    }
+}
+
+/// An entry of `active_vms`: one per open connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveSession {
+    pub session_id: u64,
+    pub peer: String,
+    pub connected_at: Timestamp,
+    pub vm_id: Option<String>,
+    pub authenticated: bool,
+    pub vm: Option<VmView>,
+}
+
+/// An entry of `authenticated_vms`: one per authenticated connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthenticatedSession {
+    #[serde(flatten)]
+    pub vm: VmView,
+    pub session_id: u64,
+    pub peer: String,
+    pub authenticated_at: Timestamp,
+}
+
+/// An entry of `all_vms`: every VM ever registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    #[serde(flatten)]
+    pub vm: VmView,
+    pub connected: bool,
+    pub authenticated: bool,
+    pub last_seen_at: Option<Timestamp>,
+}
+
+/// An entry of `all_disks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    pub id: i64,
+    pub disk_size: u32,
+    pub vm_id: String,
+}
+
+/// An entry of the `help` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandHelp {
+    pub name: String,
+    pub summary: String,
+}
+
+/// Limits of protocol v1, shared by validation and the database's CHECKs.
+pub mod limits {
+    pub const VM_ID_MAX_LEN: usize = 64;
+    pub const RAM: std::ops::RangeInclusive<i64> = 1..=4_194_304;
+    pub const CPU: std::ops::RangeInclusive<i64> = 1..=1024;
+    pub const DISK_SIZE: std::ops::RangeInclusive<i64> = 1..=1_048_576;
+    pub const MAX_DISKS: usize = 64;
+    pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=128;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reply_keys_come_in_protocol_order() {
+        let reply = Reply::error(ErrorCode::NotFound, "no such disk").with_id(Some(json!(7)));
+        assert_eq!(
+            String::from_utf8(reply.to_line()).unwrap(),
+            "{\"status\":\"error\",\"message\":\"no such disk\",\"data\":{},\"code\":\"not_found\",\"id\":7}\n"
+        );
+        let ok = Reply::success("PONG", Data::new());
+        assert_eq!(
+            String::from_utf8(ok.to_line()).unwrap(),
+            "{\"status\":\"success\",\"message\":\"PONG\",\"data\":{}}\n"
+        );
+    }
+
+    #[test]
+    fn null_id_is_echoed() {
+        let request = Request::from_value(json!({"command": "ping", "id": null})).unwrap();
+        assert_eq!(request.id, Some(Value::Null));
+        let line = Reply::success("PONG", Data::new()).with_id(request.id).to_line();
+        let back: Reply = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back.id, Some(Value::Null));
+    }
+
+    #[test]
+    fn request_shape_is_checked() {
+        let bad = [
+            json!([1, 2]),
+            json!({"data": {}}),
+            json!({"command": 5}),
+            json!({"command": "ping", "data": [1]}),
+            json!({"command": "ping", "id": {"a": 1}}),
+        ];
+        for value in bad {
+            let (code, _, _) = Request::from_value(value).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidRequest);
+        }
+        let (_, _, id) = Request::from_value(json!({"id": "x"})).unwrap_err();
+        assert_eq!(id, Some(json!("x")));
+    }
+
+    #[test]
+    fn error_codes_serialise_as_their_names() {
+        for code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        }
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let now = Timestamp::now();
+        let text = serde_json::to_string(&now).unwrap();
+        assert!(text.ends_with("Z\""), "{text}");
+        let back: Timestamp = serde_json::from_str(&text).unwrap();
+        let delta = now.0.duration_since(back.0).unwrap_or_default();
+        assert!(delta.as_micros() < 1);
+    }
+}

@@ -1,0 +1,178 @@
+//! The command registry. Each command is a `const` [`Command`] submitted with
+//! `inventory::submit!` from its own module, or from a crate that links
+//! vmm-core, which is how a host adds commands without touching this crate.
+//! The map is built once, on first use; a name submitted twice is an error
+//! that stops the server from starting, never "last one wins".
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+
+use serde::Serialize;
+
+use crate::context::Context;
+use crate::error::Result;
+use crate::protocol::Data;
+use crate::session::Session;
+
+/// What a successful command returns: the reply's `message` and `data`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Success {
+    pub message: Cow<'static, str>,
+    pub data: Data,
+}
+
+impl Success {
+    pub fn new(message: impl Into<Cow<'static, str>>) -> Success {
+        Success {
+            message: message.into(),
+            data: Data::new(),
+        }
+    }
+
+    /// Adds one key to `data`.
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Result<Success> {
+        let value = serde_json::to_value(value).map_err(|err| {
+            tracing::error!(error = %err, "cannot serialise a reply");
+            crate::Error::internal()
+        })?;
+        self.data.insert(key.to_owned(), value);
+        Ok(self)
+    }
+}
+
+/// Handlers return boxed futures because a registry of async functions needs
+/// one concrete type, and async trait methods cannot be called through `dyn`.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<Success>> + Send + 'a>>;
+
+/// A command handler: the shared context, the calling connection's session,
+/// and the request's `data`.
+pub type Handler = for<'a> fn(&'a Context, &'a mut Session, Data) -> HandlerFuture<'a>;
+
+/// One registry entry.
+pub struct Command {
+    /// The `command` value that selects this handler.
+    pub name: &'static str,
+    /// One line for `help`.
+    pub summary: &'static str,
+    pub handler: Handler,
+}
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Command")
+            .field("name", &self.name)
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+inventory::collect!(Command);
+
+/// Two commands were submitted under one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateCommand(pub &'static str);
+
+impl fmt::Display for DuplicateCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "command `{}` is registered more than once; every command name must be unique",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for DuplicateCommand {}
+
+#[derive(Debug)]
+pub struct Registry {
+    commands: BTreeMap<&'static str, &'static Command>,
+}
+
+impl Registry {
+    /// The registry of every command linked into this program.
+    pub fn global() -> Result<&'static Registry, DuplicateCommand> {
+        static REGISTRY: OnceLock<Result<Registry, DuplicateCommand>> = OnceLock::new();
+        REGISTRY
+            .get_or_init(|| Registry::from_commands(inventory::iter::<Command>))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    pub fn from_commands(
+        commands: impl IntoIterator<Item = &'static Command>,
+    ) -> Result<Registry, DuplicateCommand> {
+        let mut map = BTreeMap::new();
+        for command in commands {
+            if map.insert(command.name, command).is_some() {
+                return Err(DuplicateCommand(command.name));
+            }
+        }
+        Ok(Registry { commands: map })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'static Command> {
+        self.commands.get(name).copied()
+    }
+
+    /// Every command, by name.
+    pub fn commands(&self) -> impl Iterator<Item = &'static Command> + '_ {
+        self.commands.values().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nothing<'a>(_: &'a Context, _: &'a mut Session, _: Data) -> HandlerFuture<'a> {
+        Box::pin(async { Ok(Success::new("")) })
+    }
+
+    static A: Command = Command {
+        name: "a",
+        summary: "",
+        handler: nothing,
+    };
+    static B: Command = Command {
+        name: "b",
+        summary: "",
+        handler: nothing,
+    };
+    static A_AGAIN: Command = Command {
+        name: "a",
+        summary: "",
+        handler: nothing,
+    };
+
+    #[test]
+    fn duplicate_names_are_an_error() {
+        let registry = Registry::from_commands([&A, &B]).unwrap();
+        assert_eq!(registry.get("b").unwrap().name, "b");
+        assert!(registry.get("c").is_none());
+        let err = Registry::from_commands([&A, &B, &A_AGAIN]).unwrap_err();
+        assert_eq!(err, DuplicateCommand("a"));
+        assert!(err.to_string().contains("`a`"));
+    }
+
+    #[test]
+    fn the_built_in_commands_are_registered() {
+        let registry = Registry::global().unwrap();
+        let names: Vec<_> = registry.commands().map(|c| c.name).collect();
+        for name in [
+            "authenticate",
+            "help",
+            "list",
+            "logout",
+            "ping",
+            "register",
+            "update",
+        ] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Accepting connections and running them.
+//!
+//! Each connection runs in its own task with its own tracing span. A
+//! semaphore caps open connections: one more is answered `server_busy` and
+//! closed. Shutdown is a broadcast: the accept loop stops, every connection
+//! finishes the request it is executing (and those it has already received),
+//! and after `shutdown_grace` whatever is left is aborted.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, broadcast};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::connection::{Connection, Frame};
+use crate::context::Context;
+use crate::error::Error;
+use crate::protocol::{ErrorCode, Reply, Request};
+use crate::registry::Registry;
+use crate::session::Session;
+use crate::store::SetupError;
+
+/// Serves `listener` until `shutdown` completes, then drains gracefully.
+///
+/// The context should come from [`Context::connect`], which has applied the
+/// migrations. Fails at once if two linked commands share a name.
+pub async fn serve(
+    listener: TcpListener,
+    context: Arc<Context>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SetupError> {
+    let registry = Registry::global().map_err(|err| SetupError(err.to_string()))?;
+    let limit = Arc::new(Semaphore::new(context.config.max_connections));
+    let (stop, _) = broadcast::channel::<()>(1);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let max_request = context.config.max_request_bytes;
+                match Arc::clone(&limit).try_acquire_owned() {
+                    Ok(permit) => {
+                        let session = context.sessions.open(peer);
+                        let span = tracing::info_span!("conn", session = session.id(), %peer);
+                        let context = Arc::clone(&context);
+                        let stop = stop.subscribe();
+                        tasks.spawn(
+                            async move {
+                                run(Connection::new(stream, max_request), context, registry, session, stop)
+                                    .await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "connection limit reached, refusing");
+                        tasks.spawn(refuse(stream, max_request));
+                    }
+                }
+            }
+        }
+    }
+
+    drop(listener);
+    let _ = stop.send(());
+    let open = tasks.len();
+    if open > 0 {
+        tracing::info!(connections = open, "shutting down, waiting for requests in flight");
+    }
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(context.config.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = tasks.len(),
+            "requests still running after the grace period, aborting them"
+        );
+        tasks.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn refuse(stream: TcpStream, max_request: usize) {
+    let reply = Reply::error(
+        ErrorCode::ServerBusy,
+        "the server has too many connections; try again later",
+    );
+    Connection::new(stream, max_request).close_with(&reply).await;
+}
+
+/// Runs one connection until it closes, the client misbehaves beyond
+/// recovery, or the server shuts down.
+async fn run(
+    mut conn: Connection,
+    context: Arc<Context>,
+    registry: &'static Registry,
+    mut session: Session,
+    mut stop: broadcast::Receiver<()>,
+) {
+    tracing::debug!("connected");
+    loop {
+        let frame = match conn.buffered_frame() {
+            Some(frame) => frame,
+            None => {
+                if let Err(err) = conn.flush().await {
+                    tracing::debug!(error = %err, "write failed");
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.recv() => break,
+                    read = conn.read_frame() => match read {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::debug!(error = %err, "read failed");
+                            break;
+                        }
+                    },
+                }
+            }
+        };
+        let reply = match frame {
+            Frame::TooLarge => {
+                tracing::info!(
+                    limit = context.config.max_request_bytes,
+                    "request too large, closing"
+                );
+                let reply = Reply::error(
+                    ErrorCode::RequestTooLarge,
+                    format!(
+                        "a request may be at most {} bytes; closing the connection",
+                        context.config.max_request_bytes
+                    ),
+                );
+                conn.close_with(&reply).await;
+                finish(&context, session).await;
+                return;
+            }
+            Frame::Invalid => Reply::error(
+                ErrorCode::InvalidJson,
+                "the request is not valid JSON (or not UTF-8); skipped to the next line",
+            ),
+            Frame::Value(value) => match Request::from_value(value) {
+                Err((code, message, id)) => Reply::error(code, message).with_id(id),
+                Ok(request) => execute(&context, registry, &mut session, request).await,
+            },
+        };
+        if let Err(err) = conn.write_reply(&reply).await {
+            tracing::debug!(error = %err, "write failed");
+            break;
+        }
+    }
+    let _ = conn.flush().await;
+    finish(&context, session).await;
+}
+
+async fn execute(
+    context: &Context,
+    registry: &Registry,
+    session: &mut Session,
+    request: Request,
+) -> Reply {
+    let Request { command, data, id } = request;
+    let result = match registry.get(&command) {
+        Some(command) => (command.handler)(context, session, data).await,
+        None => Err(Error::new(
+            ErrorCode::UnknownCommand,
+            "unknown command; send {\"command\": \"help\"} for the list",
+        )),
+    };
+    let reply = match result {
+        Ok(success) => Reply::success(success.message, success.data),
+        Err(err) => {
+            let command: String = command.chars().take(64).collect();
+            tracing::debug!(%command, code = %err.code, "command failed");
+            err.into_reply()
+        }
+    };
+    reply.with_id(id)
+}
+
+/// Leaves the live lists at once, then records when the VM was last seen.
+async fn finish(context: &Context, session: Session) {
+    let vm_id = session.vm_id().map(str::to_owned);
+    drop(session);
+    tracing::debug!("disconnected");
+    let Some(vm_id) = vm_id else { return };
+    if let Err(err) = context.store.touch(&[&vm_id]).await {
+        tracing::warn!(error = %err, "could not record last_seen_at");
+    }
+}

@@ -1,0 +1,384 @@
+//! The one place that talks to PostgreSQL.
+//!
+//! Every method costs a constant number of statements, whatever the number of
+//! VMs, disks or sessions involved: lists fetch all they need with `ANY($1)`
+//! and aggregates, updates apply many disks at once with `unnest`. Statements
+//! are prepared once per pooled connection (`prepare_cached`), and anything
+//! that writes more than one row runs in one transaction.
+
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::{NoTls, Row};
+
+use crate::error::{Error, Result};
+use crate::protocol::{DiskEntry, DiskView, ErrorCode, Timestamp, VmView};
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+/// An arbitrary key for `pg_advisory_lock`, so that instances starting at the
+/// same time apply migrations one after another.
+const MIGRATION_LOCK: i64 = 0x0076_6d6d_5f6d_6967;
+
+/// Columns of a [`VmView`] plus `last_seen_at`, disks aggregated per VM.
+macro_rules! vm_select {
+    ($($tail:literal)*) => {
+        concat!(
+            "SELECT v.vm_id, v.ram, v.cpu, v.created_at, v.updated_at, v.last_seen_at, \
+               COALESCE(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.id IS NOT NULL), '{}') AS disk_ids, \
+               COALESCE(array_agg(d.disk_size ORDER BY d.id) FILTER (WHERE d.id IS NOT NULL), '{}') AS disk_sizes \
+             FROM vms v LEFT JOIN disks d ON d.vm_id = v.vm_id ",
+            $($tail),*
+        )
+    };
+}
+
+const VMS_BY_ID: &str = vm_select!("WHERE v.vm_id = ANY($1) GROUP BY v.vm_id ORDER BY v.vm_id");
+const ALL_VMS: &str = vm_select!("GROUP BY v.vm_id ORDER BY v.vm_id");
+
+/// A VM as stored, with what only `all_vms` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    pub view: VmView,
+    pub last_seen_at: Option<Timestamp>,
+}
+
+/// A change to one VM, already validated against the protocol's limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmUpdate {
+    pub ram: Option<u32>,
+    pub cpu: Option<u32>,
+    /// `(disk id, new size)`: resized in place.
+    pub resize: Vec<(i64, u32)>,
+    /// Sizes of disks to attach.
+    pub attach: Vec<u32>,
+}
+
+/// Why the store could not be set up.
+#[derive(Debug)]
+pub struct SetupError(pub String);
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: Pool,
+}
+
+fn int(value: u32) -> i32 {
+    // Every value is validated against limits far below i32::MAX.
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn uint(value: i32) -> u32 {
+    // The CHECK constraints keep every stored value positive.
+    u32::try_from(value).unwrap_or_default()
+}
+
+fn record(row: &Row) -> VmRecord {
+    let ids: Vec<i64> = row.get("disk_ids");
+    let sizes: Vec<i32> = row.get("disk_sizes");
+    let disks = ids
+        .into_iter()
+        .zip(sizes)
+        .map(|(id, size)| DiskView {
+            id,
+            disk_size: uint(size),
+        })
+        .collect();
+    VmRecord {
+        view: VmView {
+            vm_id: row.get("vm_id"),
+            ram: uint(row.get("ram")),
+            cpu: uint(row.get("cpu")),
+            disks,
+            created_at: Timestamp(row.get("created_at")),
+            updated_at: Timestamp(row.get("updated_at")),
+        },
+        last_seen_at: row
+            .get::<_, Option<SystemTime>>("last_seen_at")
+            .map(Timestamp),
+    }
+}
+
+impl Store {
+    /// Builds the pool. No connection is made until one is needed.
+    pub fn new(database_url: &str, pool_size: usize) -> Result<Store, SetupError> {
+        let mut config = tokio_postgres::Config::from_str(database_url)
+            .map_err(|err| SetupError(format!("invalid database URL: {err}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(2));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("vmm");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(2)))
+            .recycle_timeout(Some(Duration::from_secs(2)))
+            .build()
+            .map_err(|err| SetupError(format!("cannot build the database pool: {err}")))?;
+        Ok(Store { pool })
+    }
+
+    /// Waits until the database answers, logging each failed attempt.
+    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), SetupError> {
+        let deadline = Instant::now() + timeout;
+        let mut attempt = 1u32;
+        loop {
+            let error = match self.pool.get().await {
+                Ok(client) => match client.simple_query("SELECT 1").await {
+                    Ok(_) => return Ok(()),
+                    Err(err) => err.to_string(),
+                },
+                Err(err) => err.to_string(),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SetupError(format!(
+                    "the database did not answer within {}s (last error: {error}); \
+                     check that PostgreSQL is running and that --database-url / DATABASE_URL \
+                     points at it",
+                    timeout.as_secs()
+                )));
+            }
+            tracing::warn!(attempt, error = %error, "database not ready, retrying");
+            tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+            attempt += 1;
+        }
+    }
+
+    /// Applies the embedded migrations that the database lacks.
+    pub async fn migrate(&self) -> Result<(), SetupError> {
+        let failed = |err: &dyn std::fmt::Display| SetupError(format!("migration failed: {err}"));
+        let mut client = self.pool.get().await.map_err(|e| failed(&e))?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(|e| failed(&e))?;
+        let report = embedded::migrations::runner()
+            .run_async(&mut **client)
+            .await
+            .map_err(|e| failed(&e));
+        let unlocked = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await;
+        let report = report?;
+        unlocked.map_err(|e| failed(&e))?;
+        for migration in report.applied_migrations() {
+            tracing::info!(migration = %migration, "applied migration");
+        }
+        Ok(())
+    }
+
+    /// Creates a VM and its disks. `Ok(None)` when the id is taken, which also
+    /// holds when another registration of the same id commits first.
+    pub async fn register(
+        &self,
+        vm_id: &str,
+        ram: u32,
+        cpu: u32,
+        password_hash: &str,
+        disks: &[u32],
+    ) -> Result<Option<VmView>> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO vms (vm_id, ram, cpu, password_hash, last_seen_at) \
+                 VALUES ($1, $2, $3, $4, now()) ON CONFLICT (vm_id) DO NOTHING",
+            )
+            .await?;
+        let inserted = tx
+            .execute(&insert, &[&vm_id, &int(ram), &int(cpu), &password_hash])
+            .await?;
+        if inserted == 0 {
+            return Ok(None);
+        }
+        if !disks.is_empty() {
+            let attach = tx
+                .prepare_cached("INSERT INTO disks (vm_id, disk_size) SELECT $1, unnest($2::int[])")
+                .await?;
+            let sizes: Vec<i32> = disks.iter().copied().map(int).collect();
+            tx.execute(&attach, &[&vm_id, &sizes]).await?;
+        }
+        let view = Self::fetch_one(&tx, vm_id).await?;
+        tx.commit().await?;
+        Ok(Some(view))
+    }
+
+    pub async fn exists(&self, vm_id: &str) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT 1 FROM vms WHERE vm_id = $1")
+            .await?;
+        Ok(client.query_opt(&statement, &[&vm_id]).await?.is_some())
+    }
+
+    pub async fn password_hash(&self, vm_id: &str) -> Result<Option<String>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT password_hash FROM vms WHERE vm_id = $1")
+            .await?;
+        let row = client.query_opt(&statement, &[&vm_id]).await?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    /// Records that connections of these VMs are or were open just now.
+    pub async fn touch(&self, vm_ids: &[&str]) -> Result<()> {
+        if vm_ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("UPDATE vms SET last_seen_at = now() WHERE vm_id = ANY($1)")
+            .await?;
+        client.execute(&statement, &[&vm_ids]).await?;
+        Ok(())
+    }
+
+    /// The VMs with these ids that exist, ordered by id.
+    pub async fn vms(&self, vm_ids: &[&str]) -> Result<Vec<VmRecord>> {
+        if vm_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(VMS_BY_ID).await?;
+        let rows = client.query(&statement, &[&vm_ids]).await?;
+        Ok(rows.iter().map(record).collect())
+    }
+
+    pub async fn vm(&self, vm_id: &str) -> Result<Option<VmView>> {
+        Ok(self.vms(&[vm_id]).await?.pop().map(|record| record.view))
+    }
+
+    pub async fn all_vms(&self) -> Result<Vec<VmRecord>> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(ALL_VMS).await?;
+        let rows = client.query(&statement, &[]).await?;
+        Ok(rows.iter().map(record).collect())
+    }
+
+    pub async fn all_disks(&self) -> Result<Vec<DiskEntry>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT id, disk_size, vm_id FROM disks ORDER BY id")
+            .await?;
+        let rows = client.query(&statement, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| DiskEntry {
+                id: row.get(0),
+                disk_size: uint(row.get(1)),
+                vm_id: row.get(2),
+            })
+            .collect())
+    }
+
+    /// Applies an update to one VM, all or nothing. Named disks must belong to
+    /// the VM and may only grow; the VM row is locked first so that concurrent
+    /// updates of one VM cannot together exceed the disk limit.
+    pub async fn update(&self, vm_id: &str, update: &VmUpdate) -> Result<VmView> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+
+        let lock = tx
+            .prepare_cached(
+                "SELECT (SELECT count(*) FROM disks WHERE vm_id = $1) FROM vms \
+                 WHERE vm_id = $1 FOR UPDATE",
+            )
+            .await?;
+        let Some(row) = tx.query_opt(&lock, &[&vm_id]).await? else {
+            return Err(Error::new(ErrorCode::NotFound, "this VM no longer exists"));
+        };
+        let disk_count: i64 = row.get(0);
+
+        if !update.resize.is_empty() {
+            let ids: Vec<i64> = update.resize.iter().map(|(id, _)| *id).collect();
+            let current = tx
+                .prepare_cached(
+                    "SELECT id, disk_size FROM disks WHERE id = ANY($1) AND vm_id = $2 FOR UPDATE",
+                )
+                .await?;
+            let rows = tx.query(&current, &[&ids, &vm_id]).await?;
+            for (id, size) in &update.resize {
+                let Some(row) = rows.iter().find(|row| row.get::<_, i64>(0) == *id) else {
+                    return Err(Error::new(
+                        ErrorCode::NotFound,
+                        format!("disk {id} is not attached to this VM"),
+                    ));
+                };
+                let old = uint(row.get(1));
+                if *size < old {
+                    return Err(Error::invalid_params(format!(
+                        "disks: disk {id} cannot shrink from {old} to {size} GiB"
+                    )));
+                }
+            }
+            let resize = tx
+                .prepare_cached(
+                    "UPDATE disks d SET disk_size = u.size \
+                     FROM unnest($1::bigint[], $2::int[]) AS u(id, size) \
+                     WHERE d.id = u.id AND d.vm_id = $3",
+                )
+                .await?;
+            let sizes: Vec<i32> = update.resize.iter().map(|(_, size)| int(*size)).collect();
+            tx.execute(&resize, &[&ids, &sizes, &vm_id]).await?;
+        }
+
+        if !update.attach.is_empty() {
+            let total = usize::try_from(disk_count).unwrap_or(usize::MAX) + update.attach.len();
+            if total > crate::protocol::limits::MAX_DISKS {
+                return Err(Error::invalid_params(format!(
+                    "disks: a VM has at most {} disks, this would make {total}",
+                    crate::protocol::limits::MAX_DISKS
+                )));
+            }
+            let attach = tx
+                .prepare_cached("INSERT INTO disks (vm_id, disk_size) SELECT $1, unnest($2::int[])")
+                .await?;
+            let sizes: Vec<i32> = update.attach.iter().copied().map(int).collect();
+            tx.execute(&attach, &[&vm_id, &sizes]).await?;
+        }
+
+        let set = tx
+            .prepare_cached(
+                "UPDATE vms SET ram = COALESCE($2, ram), cpu = COALESCE($3, cpu), \
+                 updated_at = now() WHERE vm_id = $1",
+            )
+            .await?;
+        tx.execute(
+            &set,
+            &[&vm_id, &update.ram.map(int), &update.cpu.map(int)],
+        )
+        .await?;
+
+        let view = Self::fetch_one(&tx, vm_id).await?;
+        tx.commit().await?;
+        Ok(view)
+    }
+
+    async fn fetch_one(tx: &deadpool_postgres::Transaction<'_>, vm_id: &str) -> Result<VmView> {
+        let statement = tx.prepare_cached(VMS_BY_ID).await?;
+        let row = tx.query_one(&statement, &[&[vm_id].as_slice()]).await?;
+        Ok(record(&row).view)
+    }
+}
