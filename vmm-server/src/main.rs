@@ -1,1 +1,100 @@
-fn main() {}
+//! `vmm-server`: parses its flags, sets up logging, and runs
+//! [`vmm_core::serve`] until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The vmm server: virtual machines connect over TCP and speak JSON.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "VMM_LISTEN", default_value = "127.0.0.1:8888")]
+    listen: SocketAddr,
+
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = vmm_core::context::DEFAULT_DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+
+    /// Database connections in the pool.
+    #[arg(long, env = "VMM_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    db_pool_size: u16,
+
+    /// Open connections allowed; one more is answered `server_busy` and closed.
+    #[arg(long, env = "VMM_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+
+    /// Largest request in bytes; a larger one is answered `request_too_large` and the connection closed.
+    #[arg(long, env = "VMM_MAX_REQUEST_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(64..))]
+    max_request_bytes: u32,
+
+    /// Log format.
+    #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let config = vmm_core::Config {
+        database_url: args.database_url,
+        db_pool_size: usize::from(args.db_pool_size),
+        max_connections: args.max_connections as usize,
+        max_request_bytes: args.max_request_bytes as usize,
+        shutdown_grace: Duration::from_secs(5),
+        ..vmm_core::Config::default()
+    };
+    match run(args.listen, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(listen: SocketAddr, config: vmm_core::Config) -> Result<(), Box<dyn std::error::Error>> {
+    let context = vmm_core::Context::connect(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    vmm_core::serve(listener, context, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        () = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
