@@ -1,0 +1,510 @@
+//! Test support: a real PostgreSQL for every test, servers on port 0, raw
+//! sockets, and polling with a deadline instead of sleeping.
+//!
+//! Where the PostgreSQL server comes from, in order:
+//! 1. `VMM_TEST_DATABASE_URL`, a URL of a server where the user may create
+//!    databases (for example `postgres://postgres@127.0.0.1:5432/postgres`);
+//! 2. the PostgreSQL server binaries (`initdb`, `pg_ctl`), if installed: a
+//!    private cluster under `target/vmm-test-postgres`, listening only on a
+//!    Unix socket, started on first use and left running for later runs
+//!    (`pg_ctl -D target/vmm-test-postgres stop` stops it);
+//! 3. Docker: a `postgres:16` container named `vmm-test-postgres`.
+//!
+//! If none is available the tests fail with a message that says how to get
+//! one. Every test gets a fresh database, dropped when the test ends, so tests
+//! run in parallel and repeat cleanly.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use vmm_core::{Config, Context};
+
+/// How long any wait in a test may take before the test fails. Generous: it
+/// only bounds a hang, it is not a performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+fn fail(message: String) -> ! {
+    panic!("\n\n{message}\n\n")
+}
+
+/// The URL of a PostgreSQL server that tests may create databases on.
+pub fn server_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| match provision() {
+        Ok(url) => url,
+        Err(why) => fail(format!(
+            "vmm's tests need a PostgreSQL server, and none could be had: {why}\n\
+             Get one in any of these ways:\n\
+             - point VMM_TEST_DATABASE_URL at a server where the user may CREATE DATABASE, e.g.\n\
+               VMM_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo test --workspace\n\
+             - install the PostgreSQL server binaries (Debian/Ubuntu: apt-get install postgresql;\n\
+               macOS: brew install postgresql) so that the tests can start a private one;\n\
+             - or start Docker, so that the tests can run a postgres:16 container."
+        )),
+    })
+}
+
+fn provision() -> Result<String, String> {
+    if let Ok(url) = std::env::var("VMM_TEST_DATABASE_URL") {
+        return Ok(url);
+    }
+    if let Some(bindir) = postgres_bindir() {
+        return local_cluster(&bindir);
+    }
+    if Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|out| out.status.success())
+    {
+        return docker_container();
+    }
+    Err("VMM_TEST_DATABASE_URL is not set, no PostgreSQL server binaries (initdb, pg_ctl) were found, \
+         and no Docker engine answers"
+        .into())
+}
+
+fn postgres_bindir() -> Option<PathBuf> {
+    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if has_tools(&dir) {
+            return Some(dir);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(dir) = std::env::split_paths(&path).find(|dir| has_tools(dir)) {
+            return Some(dir);
+        }
+    }
+    // Debian keeps the server binaries off PATH.
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+        .filter(|dir| has_tools(dir))
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// `target/` of this build, from the test executable's path.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "target"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn run(command: &mut Command) -> Result<String, String> {
+    let out = command
+        .output()
+        .map_err(|err| format!("cannot run {command:?}: {err}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A private cluster under `target/`. PostgreSQL refuses to run as root, so
+/// as root it runs as the `postgres` user.
+fn local_cluster(bindir: &Path) -> Result<String, String> {
+    let dir = target_dir().join("vmm-test-postgres");
+    std::fs::create_dir_all(&dir).map_err(|err| format!("cannot create {dir:?}: {err}"))?;
+    let lock = std::fs::File::create(dir.with_extension("lock"))
+        .map_err(|err| format!("cannot create the cluster lock: {err}"))?;
+    lock.lock()
+        .map_err(|err| format!("cannot lock the cluster: {err}"))?;
+
+    let as_root = run(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0");
+    let tool = |name: &str| {
+        let mut command;
+        if as_root {
+            command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(bindir.join(name));
+        } else {
+            command = Command::new(bindir.join(name));
+        }
+        command
+    };
+    if !dir.join("PG_VERSION").exists() {
+        if as_root {
+            run(Command::new("chown").arg("postgres:").arg(&dir))?;
+        }
+        run(tool("initdb")
+            .arg("-D")
+            .arg(&dir)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]))?;
+    }
+    let running = tool("pg_ctl").arg("status").arg("-D").arg(&dir).output();
+    if !running.is_ok_and(|out| out.status.success()) {
+        let options = format!(
+            "-c listen_addresses='' -k {} -p 5432 -c max_connections=500 -c fsync=off",
+            dir.display()
+        );
+        run(tool("pg_ctl")
+            .arg("start")
+            .arg("-w")
+            .arg("-D")
+            .arg(&dir)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .arg("-o")
+            .arg(options))?;
+    }
+    Ok(format!(
+        "host={} port=5432 user=postgres dbname=postgres",
+        dir.display()
+    ))
+}
+
+fn docker_container() -> Result<String, String> {
+    let name = "vmm-test-postgres";
+    let running = run(Command::new("docker").args(["port", name, "5432/tcp"]));
+    if running.is_err() {
+        run(Command::new("docker").args([
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            name,
+            "-e",
+            "POSTGRES_HOST_AUTH_METHOD=trust",
+            "-p",
+            "127.0.0.1::5432",
+            "postgres:16",
+            "-c",
+            "max_connections=500",
+        ]))?;
+    }
+    let port = run(Command::new("docker").args(["port", name, "5432/tcp"]))?;
+    let port = port
+        .lines()
+        .next()
+        .and_then(|line| line.rsplit(':').next())
+        .ok_or("docker port printed nothing")?
+        .trim()
+        .to_owned();
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+/// `url` with its database replaced by `dbname`.
+fn with_database(url: &str, dbname: &str) -> String {
+    if let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    {
+        let (authority, query) = match rest.split_once('?') {
+            Some((before, query)) => (before, format!("?{query}")),
+            None => (rest, String::new()),
+        };
+        let host = authority.split('/').next().unwrap_or(authority);
+        format!("postgres://{host}/{dbname}{query}")
+    } else {
+        format!("{url} dbname={dbname}")
+    }
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let url = server_url().to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                return client;
+            }
+            Err(err) if Instant::now() > deadline => {
+                fail(format!("cannot connect to the test PostgreSQL server: {err}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A database of a test's own, dropped when the test ends.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let name = format!(
+            "vmm_test_{}_{}_{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot create a test database: {err}")));
+        TestDb {
+            url: with_database(server_url(), &name),
+            name,
+        }
+    }
+
+    /// A direct connection, for checking what is stored.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot connect to {}: {err}", self.name)));
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block on itself.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime.block_on(async {
+                    let _ = admin()
+                        .await
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                });
+            }
+        });
+        let _ = dropped.join();
+    }
+}
+
+/// Log lines go to the test's captured output (`RUST_LOG` to change the level).
+pub fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A server inside the test process, on its own database and port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub context: Arc<Context>,
+    pub db: TestDb,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), vmm_core::SetupError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+        init_logging();
+        let db = TestDb::create().await;
+        let mut config = Config {
+            database_url: db.url.clone(),
+            db_pool_size: 8,
+            database_wait: PATIENCE,
+            ..Config::default()
+        };
+        configure(&mut config);
+        let context = Context::connect(config)
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot start the server: {err}")));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot bind: {err}")));
+        let addr = listener.local_addr().unwrap_or_else(|err| fail(err.to_string()));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(vmm_core::serve(listener, Arc::clone(&context), async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            context,
+            db,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(&self) -> vmm_core::Client {
+        vmm_core::Client::connect(self.addr)
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot connect to the test server: {err}")))
+    }
+
+    pub async fn raw(&self) -> RawConn {
+        RawConn::connect(self.addr).await
+    }
+
+    /// Shuts the server down gracefully and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(PATIENCE, task).await;
+            assert!(
+                matches!(result, Ok(Ok(Ok(())))),
+                "the server did not stop cleanly: {result:?}"
+            );
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A plain socket for framing tests: write any bytes, read reply lines.
+pub struct RawConn {
+    pub reader: BufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+}
+
+impl RawConn {
+    pub async fn connect(addr: SocketAddr) -> RawConn {
+        let stream = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot connect: {err}")));
+        stream.set_nodelay(true).unwrap_or_default();
+        let (reader, writer) = stream.into_split();
+        RawConn {
+            reader: BufReader::new(reader),
+            writer,
+        }
+    }
+
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.writer
+            .write_all(bytes.as_ref())
+            .await
+            .unwrap_or_else(|err| fail(format!("write failed: {err}")));
+    }
+
+    /// The next reply line as JSON; `None` when the server closed.
+    pub async fn try_reply(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        let read = tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line))
+            .await
+            .unwrap_or_else(|_| fail("no reply in time".into()));
+        match read {
+            Ok(0) | Err(_) => None,
+            Ok(_) => {
+                assert!(line.ends_with('\n'), "a reply line ends with a newline: {line:?}");
+                Some(serde_json::from_str(&line).unwrap_or_else(|err| {
+                    fail(format!("a reply is not JSON ({err}): {line:?}"))
+                }))
+            }
+        }
+    }
+
+    pub async fn reply(&mut self) -> Value {
+        self.try_reply()
+            .await
+            .unwrap_or_else(|| fail("the server closed the connection".into()))
+    }
+
+    /// Sends one request (as a compact line) and returns its reply.
+    pub async fn call(&mut self, request: Value) -> Value {
+        self.send(format!("{request}\n")).await;
+        self.reply().await
+    }
+
+    /// True once the server has closed the connection (reading to the end).
+    pub async fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read_to_end(&mut self.reader, &mut rest)).await;
+        matches!(read, Ok(Ok(_)) | Ok(Err(_)))
+    }
+}
+
+/// Asserts a reply is a success and returns its `data`.
+#[track_caller]
+pub fn ok(reply: &Value) -> &Value {
+    assert_eq!(reply["status"], "success", "expected success, got {reply}");
+    assert!(reply.get("code").is_none(), "a success has no code: {reply}");
+    &reply["data"]
+}
+
+/// Asserts a reply is an error with `code`.
+#[track_caller]
+pub fn err(reply: &Value, code: &str) {
+    assert_eq!(reply["status"], "error", "expected an error, got {reply}");
+    assert_eq!(reply["code"], code, "wrong code in {reply}");
+    assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(reply["data"], serde_json::json!({}));
+}
+
+/// Polls `check` until it returns `Some`, failing after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            fail(format!("timed out waiting for: {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The path of a workspace binary. `cargo test --workspace` builds them
+/// before running any test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(name))
+        .unwrap_or_default();
+    if !path.is_file() {
+        fail(format!(
+            "{} is not built; run the tests with `cargo test --workspace`, which builds it",
+            path.display()
+        ));
+    }
+    path
+}
+
+/// A password that is valid for the protocol, unique per VM name.
+pub fn password_for(vm_id: &str) -> String {
+    format!("pw-{vm_id}-secret")
+}

@@ -1,0 +1,124 @@
+//! Done-when 2: how requests may arrive on the socket.
+
+use serde_json::json;
+use vmm_tests::{TestServer, err, ok};
+
+const PING: &str = r#"{"command":"ping","data":{}}"#;
+
+#[tokio::test]
+async fn newline_delimited_pretty_and_back_to_back() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    conn.send(format!("{PING}\n{PING}\n")).await;
+    conn.send("{\n    \"command\": \"ping\",\n    \"data\": {}\n}\n").await;
+    conn.send(format!("{PING}{PING}{PING}")).await;
+    conn.send("\r\n\t  {\"command\":\"ping\"}  \n").await;
+    for _ in 0..7 {
+        assert_eq!(conn.reply().await["message"], "PONG");
+    }
+}
+
+#[tokio::test]
+async fn one_request_in_one_byte_writes() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    let request = r#"{"command": "ping", "data": {}, "id": "bytewise \u00e9 \"}"}"#;
+    for byte in request.as_bytes() {
+        conn.send([*byte]).await;
+        tokio::task::yield_now().await;
+    }
+    let reply = conn.reply().await;
+    assert_eq!(reply["message"], "PONG");
+    assert_eq!(reply["id"], "bytewise é \"}");
+}
+
+#[tokio::test]
+async fn five_hundred_pipelined_requests_answer_in_order() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    let mut batch = String::new();
+    for i in 0..500 {
+        let id = if i % 2 == 0 { json!(i) } else { json!(format!("r{i}")) };
+        let command = if i % 3 == 0 { "nope" } else { "ping" };
+        batch.push_str(&json!({"command": command, "data": {}, "id": id}).to_string());
+        batch.push('\n');
+    }
+    conn.send(batch).await;
+    for i in 0..500 {
+        let reply = conn.reply().await;
+        let id = if i % 2 == 0 { json!(i) } else { json!(format!("r{i}")) };
+        assert_eq!(reply["id"], id, "reply {i} out of order: {reply}");
+        if i % 3 == 0 {
+            err(&reply, "unknown_command");
+        } else {
+            ok(&reply);
+        }
+    }
+}
+
+#[tokio::test]
+async fn ids_are_echoed_verbatim_and_only_when_sent() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    for id in [json!(null), json!(0), json!(-1.5), json!("x"), json!(12345678901234u64)] {
+        let reply = conn.call(json!({"command": "ping", "id": id})).await;
+        assert_eq!(reply["id"], id);
+        assert!(reply.as_object().unwrap().contains_key("id"));
+    }
+    let reply = conn.call(json!({"command": "ping"})).await;
+    assert!(!reply.as_object().unwrap().contains_key("id"), "{reply}");
+    // Other top-level fields are ignored.
+    let reply = conn.call(json!({"command": "ping", "extra": [1, 2]})).await;
+    assert_eq!(reply["message"], "PONG");
+}
+
+#[tokio::test]
+async fn invalid_json_and_non_utf8_then_a_good_request() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    conn.send("{\"command\": \"ping\",, }\n").await;
+    err(&conn.reply().await, "invalid_json");
+    conn.send(b"\xff\xfe\xfd\n").await;
+    err(&conn.reply().await, "invalid_json");
+    conn.send(b"{\"command\": \"ping\", \"id\": \"\xc3\x28\"}\n").await;
+    err(&conn.reply().await, "invalid_json");
+    conn.send(format!("{PING}\n")).await;
+    assert_eq!(conn.reply().await["message"], "PONG");
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_before_the_close_and_stores_nothing() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    conn.send(format!("{PING}\n")).await;
+    assert_eq!(conn.reply().await["message"], "PONG");
+
+    let padding = "x".repeat(70_000);
+    let request = json!({
+        "command": "register",
+        "data": {"vm_id": "huge", "ram": 512, "cpu": 1, "password": "password123", "disks": [], "pad": padding}
+    });
+    // Keep writing after the limit, as a real client would.
+    conn.send(format!("{request}\n{PING}\n")).await;
+    let reply = conn.reply().await;
+    err(&reply, "request_too_large");
+    assert!(conn.closed().await, "the connection is closed after request_too_large");
+
+    let db = server.db.connect().await;
+    let count: i64 = db.query_one("SELECT count(*) FROM vms", &[]).await.unwrap().get(0);
+    assert_eq!(count, 0, "nothing of the oversized request was executed");
+}
+
+#[tokio::test]
+async fn a_request_at_the_limit_is_served() {
+    let server = TestServer::start_with(|config| config.max_request_bytes = 200).await;
+    let mut conn = server.raw().await;
+    let mut request = json!({"command": "ping", "id": ""}).to_string();
+    let room = 200 - request.len();
+    request = json!({"command": "ping", "id": "y".repeat(room)}).to_string();
+    assert_eq!(request.len(), 200);
+    conn.send(format!("\n\n   {request}\n")).await;
+    assert_eq!(conn.reply().await["message"], "PONG");
+    conn.send(json!({"command": "ping", "id": "y".repeat(room + 1)}).to_string()).await;
+    err(&conn.reply().await, "request_too_large");
+}
