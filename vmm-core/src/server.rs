@@ -180,18 +180,22 @@ async fn execute(
     request: Request,
 ) -> Reply {
     let Request { command, data, id } = request;
-    let result = match registry.get(&command) {
-        Some(command) => (command.handler)(context, session, data).await,
-        None => Err(Error::new(
-            ErrorCode::UnknownCommand,
-            "unknown command; send {\"command\": \"help\"} for the list",
-        )),
+    // Only a registered name is logged: an unknown one is arbitrary client
+    // input and could be anything, a password included.
+    let (name, result) = match registry.get(&command) {
+        Some(command) => (command.name, (command.handler)(context, session, data).await),
+        None => (
+            "(unknown)",
+            Err(Error::new(
+                ErrorCode::UnknownCommand,
+                "unknown command; send {\"command\": \"help\"} for the list",
+            )),
+        ),
     };
     let reply = match result {
         Ok(success) => Reply::success(success.message, success.data),
         Err(err) => {
-            let command: String = command.chars().take(64).collect();
-            tracing::debug!(%command, code = %err.code, "command failed");
+            tracing::debug!(command = name, code = %err.code, "command failed");
             err.into_reply()
         }
     };
