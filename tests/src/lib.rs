@@ -136,7 +136,9 @@ fn local_cluster(bindir: &Path) -> Result<String, String> {
         let mut command;
         if as_root {
             command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(bindir.join(name));
+            command
+                .args(["-u", "postgres", "--"])
+                .arg(bindir.join(name));
         } else {
             command = Command::new(bindir.join(name));
         }
@@ -146,10 +148,14 @@ fn local_cluster(bindir: &Path) -> Result<String, String> {
         if as_root {
             run(Command::new("chown").arg("postgres:").arg(&dir))?;
         }
-        run(tool("initdb")
-            .arg("-D")
-            .arg(&dir)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]))?;
+        run(tool("initdb").arg("-D").arg(&dir).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]))?;
     }
     let running = tool("pg_ctl").arg("status").arg("-D").arg(&dir).output();
     if !running.is_ok_and(|out| out.status.success()) {
@@ -229,9 +235,9 @@ async fn admin() -> tokio_postgres::Client {
                 tokio::spawn(connection);
                 return client;
             }
-            Err(err) if Instant::now() > deadline => {
-                fail(format!("cannot connect to the test PostgreSQL server: {err}"))
-            }
+            Err(err) if Instant::now() > deadline => fail(format!(
+                "cannot connect to the test PostgreSQL server: {err}"
+            )),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -341,7 +347,9 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|err| fail(format!("cannot bind: {err}")));
-        let addr = listener.local_addr().unwrap_or_else(|err| fail(err.to_string()));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|err| fail(err.to_string()));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(vmm_core::serve(listener, Arc::clone(&context), async {
             let _ = stopped.await;
@@ -423,10 +431,15 @@ impl RawConn {
         match read {
             Ok(0) | Err(_) => None,
             Ok(_) => {
-                assert!(line.ends_with('\n'), "a reply line ends with a newline: {line:?}");
-                Some(serde_json::from_str(&line).unwrap_or_else(|err| {
-                    fail(format!("a reply is not JSON ({err}): {line:?}"))
-                }))
+                assert!(
+                    line.ends_with('\n'),
+                    "a reply line ends with a newline: {line:?}"
+                );
+                Some(
+                    serde_json::from_str(&line).unwrap_or_else(|err| {
+                        fail(format!("a reply is not JSON ({err}): {line:?}"))
+                    }),
+                )
             }
         }
     }
@@ -446,7 +459,11 @@ impl RawConn {
     /// True once the server has closed the connection (reading to the end).
     pub async fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        let read = tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read_to_end(&mut self.reader, &mut rest)).await;
+        let read = tokio::time::timeout(
+            PATIENCE,
+            tokio::io::AsyncReadExt::read_to_end(&mut self.reader, &mut rest),
+        )
+        .await;
         matches!(read, Ok(Ok(_)) | Ok(Err(_)))
     }
 }
@@ -455,7 +472,10 @@ impl RawConn {
 #[track_caller]
 pub fn ok(reply: &Value) -> &Value {
     assert_eq!(reply["status"], "success", "expected success, got {reply}");
-    assert!(reply.get("code").is_none(), "a success has no code: {reply}");
+    assert!(
+        reply.get("code").is_none(),
+        "a success has no code: {reply}"
+    );
     &reply["data"]
 }
 

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use vmm_core::client::{Registration, Update};
 use vmm_core::ErrorCode;
+use vmm_core::client::{Registration, Update};
 use vmm_tests::{TestServer, password_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +49,11 @@ async fn twenty_registrations_of_one_id_one_wins() {
     let (i, vm) = &winners[0];
 
     let db = server.db.connect().await;
-    let vms: i64 = db.query_one("SELECT count(*) FROM vms", &[]).await.unwrap().get(0);
+    let vms: i64 = db
+        .query_one("SELECT count(*) FROM vms", &[])
+        .await
+        .unwrap()
+        .get(0);
     let disks: i64 = db
         .query_one("SELECT count(*) FROM disks WHERE vm_id = 'contested'", &[])
         .await
@@ -61,7 +65,11 @@ async fn twenty_registrations_of_one_id_one_wins() {
         .unwrap()
         .get(0);
     assert_eq!(vms, 1);
-    assert_eq!(disks as usize, i % 4 + 1, "the winner's disks, and only those");
+    assert_eq!(
+        disks as usize,
+        i % 4 + 1,
+        "the winner's disks, and only those"
+    );
     assert_eq!(vm.disks.len(), i % 4 + 1);
     assert_eq!(orphans, 0);
 }
@@ -85,7 +93,10 @@ async fn a_hundred_connections_do_everything_at_once() {
                     })
                     .await
                     .expect("register");
-                client.authenticate(&vm_id, &password_for(&vm_id)).await.expect("authenticate");
+                client
+                    .authenticate(&vm_id, &password_for(&vm_id))
+                    .await
+                    .expect("authenticate");
                 let updated = client
                     .update(&Update {
                         ram: Some(512 + i),
@@ -98,7 +109,11 @@ async fn a_hundred_connections_do_everything_at_once() {
                 assert_eq!(updated.ram, 512 + i);
                 assert_eq!(updated.disks.len(), 3);
                 let active = client.list_active().await.expect("list");
-                assert!(active.iter().any(|s| s.vm_id.as_deref() == Some(vm_id.as_str())));
+                assert!(
+                    active
+                        .iter()
+                        .any(|s| s.vm_id.as_deref() == Some(vm_id.as_str()))
+                );
                 client.logout().await.expect("logout");
             })
         })

@@ -36,16 +36,30 @@ async fn request_level_errors() {
     err(&conn.reply().await, "invalid_json");
     still_serving(&mut conn).await;
 
-    for bad in [json!([1, 2]), json!("ping"), json!(42), json!({"data": {}}),
-                json!({"command": 1}), json!({"command": "ping", "data": "x"}),
-                json!({"command": "ping", "id": [1]})] {
+    for bad in [
+        json!([1, 2]),
+        json!("ping"),
+        json!(42),
+        json!({"data": {}}),
+        json!({"command": 1}),
+        json!({"command": "ping", "data": "x"}),
+        json!({"command": "ping", "id": [1]}),
+    ] {
         expect(&mut conn, bad, "invalid_request").await;
     }
     let reply = conn.call(json!({"data": {}, "id": "keep"})).await;
     err(&reply, "invalid_request");
-    assert_eq!(reply["id"], "keep", "the id is echoed when it could be read");
+    assert_eq!(
+        reply["id"], "keep",
+        "the id is echoed when it could be read"
+    );
 
-    expect(&mut conn, json!({"command": "reboot", "data": {}}), "unknown_command").await;
+    expect(
+        &mut conn,
+        json!({"command": "reboot", "data": {}}),
+        "unknown_command",
+    )
+    .await;
     expect(&mut conn, json!({"command": "PING"}), "unknown_command").await;
 }
 
@@ -55,29 +69,80 @@ async fn invalid_params_name_the_field() {
     let mut conn = server.raw().await;
     let cases = [
         (json!({"command": "ping", "data": {"x": 1}}), "x"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": "512", "cpu": 1, "password": "password1"}}), "ram"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 512.5, "cpu": 1, "password": "password1"}}), "ram"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 0, "cpu": 1, "password": "password1"}}), "ram"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 4194305, "cpu": 1, "password": "password1"}}), "ram"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1025, "password": "password1"}}), "cpu"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": -1, "password": "password1"}}), "cpu"),
-        (json!({"command": "register", "data": {"vm_id": "bad id", "ram": 1, "cpu": 1, "password": "password1"}}), "vm_id"),
-        (json!({"command": "register", "data": {"vm_id": "x".repeat(65), "ram": 1, "cpu": 1, "password": "password1"}}), "vm_id"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "short"}}), "password"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1}}), "password"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "colour": "red"}}), "colour"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "disks": [{"disk_size": 0}]}}), "disks[0].disk_size"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "disks": [{"disk_size": 1048577}]}}), "disks[0].disk_size"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "disks": [{"size": 1}]}}), "disks[0].size"),
-        (json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1",
-                "disks": vec![json!({"disk_size": 1}); 65]}}), "disks"),
-        (json!({"command": "authenticate", "data": {"vm_id": "a"}}), "password"),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": "512", "cpu": 1, "password": "password1"}}),
+            "ram",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 512.5, "cpu": 1, "password": "password1"}}),
+            "ram",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 0, "cpu": 1, "password": "password1"}}),
+            "ram",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 4194305, "cpu": 1, "password": "password1"}}),
+            "ram",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1025, "password": "password1"}}),
+            "cpu",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": -1, "password": "password1"}}),
+            "cpu",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "bad id", "ram": 1, "cpu": 1, "password": "password1"}}),
+            "vm_id",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "x".repeat(65), "ram": 1, "cpu": 1, "password": "password1"}}),
+            "vm_id",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "short"}}),
+            "password",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1}}),
+            "password",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "colour": "red"}}),
+            "colour",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "disks": [{"disk_size": 0}]}}),
+            "disks[0].disk_size",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "disks": [{"disk_size": 1048577}]}}),
+            "disks[0].disk_size",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1", "disks": [{"size": 1}]}}),
+            "disks[0].size",
+        ),
+        (
+            json!({"command": "register", "data": {"vm_id": "a", "ram": 1, "cpu": 1, "password": "password1",
+                "disks": vec![json!({"disk_size": 1}); 65]}}),
+            "disks",
+        ),
+        (
+            json!({"command": "authenticate", "data": {"vm_id": "a"}}),
+            "password",
+        ),
     ];
     for (request, field) in cases {
         let reply = conn.call(request.clone()).await;
         err(&reply, "invalid_params");
         let message = reply["message"].as_str().unwrap();
-        assert!(message.contains(&format!("`{field}")), "{request} -> {message}");
+        assert!(
+            message.contains(&format!("`{field}")),
+            "{request} -> {message}"
+        );
         still_serving(&mut conn).await;
     }
 }
@@ -96,18 +161,58 @@ async fn state_errors() {
     expect(&mut a, json!({"command": "authenticate", "data": {"vm_id": "ghost", "password": "wrong-password"}}),
         "invalid_credentials").await;
 
-    expect(&mut a, json!({"command": "list", "data": {"list_type": "all_vms"}}), "not_authenticated").await;
-    expect(&mut a, json!({"command": "update", "data": {"ram": 1}}), "not_authenticated").await;
-    expect(&mut a, json!({"command": "logout", "data": {}}), "not_authenticated").await;
+    expect(
+        &mut a,
+        json!({"command": "list", "data": {"list_type": "all_vms"}}),
+        "not_authenticated",
+    )
+    .await;
+    expect(
+        &mut a,
+        json!({"command": "update", "data": {"ram": 1}}),
+        "not_authenticated",
+    )
+    .await;
+    expect(
+        &mut a,
+        json!({"command": "logout", "data": {}}),
+        "not_authenticated",
+    )
+    .await;
 
     let beta = b.call(register("beta", &[20])).await;
     let beta_disk = ok(&beta)["vm"]["disks"][0]["id"].clone();
     ok(&a.call(authenticate("alpha")).await);
-    expect(&mut a, json!({"command": "update", "data": {"disks": [{"id": beta_disk, "disk_size": 30}]}}), "not_found").await;
-    expect(&mut a, json!({"command": "update", "data": {"disks": [{"id": 999999, "disk_size": 30}]}}), "not_found").await;
-    expect(&mut a, json!({"command": "update", "data": {}}), "invalid_params").await;
-    expect(&mut a, json!({"command": "list", "data": {"list_type": "everything"}}), "invalid_params").await;
-    expect(&mut a, json!({"command": "list", "data": {}}), "invalid_params").await;
+    expect(
+        &mut a,
+        json!({"command": "update", "data": {"disks": [{"id": beta_disk, "disk_size": 30}]}}),
+        "not_found",
+    )
+    .await;
+    expect(
+        &mut a,
+        json!({"command": "update", "data": {"disks": [{"id": 999999, "disk_size": 30}]}}),
+        "not_found",
+    )
+    .await;
+    expect(
+        &mut a,
+        json!({"command": "update", "data": {}}),
+        "invalid_params",
+    )
+    .await;
+    expect(
+        &mut a,
+        json!({"command": "list", "data": {"list_type": "everything"}}),
+        "invalid_params",
+    )
+    .await;
+    expect(
+        &mut a,
+        json!({"command": "list", "data": {}}),
+        "invalid_params",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -115,7 +220,11 @@ async fn request_too_large_closes() {
     let server = TestServer::start_with(|config| config.max_request_bytes = 100).await;
     let mut conn = server.raw().await;
     still_serving(&mut conn).await;
-    conn.send(format!("{{\"command\": \"ping\", \"id\": \"{}\"}}\n", "z".repeat(200))).await;
+    conn.send(format!(
+        "{{\"command\": \"ping\", \"id\": \"{}\"}}\n",
+        "z".repeat(200)
+    ))
+    .await;
     err(&conn.reply().await, "request_too_large");
     assert!(conn.closed().await);
     // Other connections are not affected.

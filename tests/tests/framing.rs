@@ -10,7 +10,8 @@ async fn newline_delimited_pretty_and_back_to_back() {
     let server = TestServer::start().await;
     let mut conn = server.raw().await;
     conn.send(format!("{PING}\n{PING}\n")).await;
-    conn.send("{\n    \"command\": \"ping\",\n    \"data\": {}\n}\n").await;
+    conn.send("{\n    \"command\": \"ping\",\n    \"data\": {}\n}\n")
+        .await;
     conn.send(format!("{PING}{PING}{PING}")).await;
     conn.send("\r\n\t  {\"command\":\"ping\"}  \n").await;
     for _ in 0..7 {
@@ -38,7 +39,11 @@ async fn five_hundred_pipelined_requests_answer_in_order() {
     let mut conn = server.raw().await;
     let mut batch = String::new();
     for i in 0..500 {
-        let id = if i % 2 == 0 { json!(i) } else { json!(format!("r{i}")) };
+        let id = if i % 2 == 0 {
+            json!(i)
+        } else {
+            json!(format!("r{i}"))
+        };
         let command = if i % 3 == 0 { "nope" } else { "ping" };
         batch.push_str(&json!({"command": command, "data": {}, "id": id}).to_string());
         batch.push('\n');
@@ -46,7 +51,11 @@ async fn five_hundred_pipelined_requests_answer_in_order() {
     conn.send(batch).await;
     for i in 0..500 {
         let reply = conn.reply().await;
-        let id = if i % 2 == 0 { json!(i) } else { json!(format!("r{i}")) };
+        let id = if i % 2 == 0 {
+            json!(i)
+        } else {
+            json!(format!("r{i}"))
+        };
         assert_eq!(reply["id"], id, "reply {i} out of order: {reply}");
         if i % 3 == 0 {
             err(&reply, "unknown_command");
@@ -60,7 +69,13 @@ async fn five_hundred_pipelined_requests_answer_in_order() {
 async fn ids_are_echoed_verbatim_and_only_when_sent() {
     let server = TestServer::start().await;
     let mut conn = server.raw().await;
-    for id in [json!(null), json!(0), json!(-1.5), json!("x"), json!(12345678901234u64)] {
+    for id in [
+        json!(null),
+        json!(0),
+        json!(-1.5),
+        json!("x"),
+        json!(12345678901234u64),
+    ] {
         let reply = conn.call(json!({"command": "ping", "id": id})).await;
         assert_eq!(reply["id"], id);
         assert!(reply.as_object().unwrap().contains_key("id"));
@@ -80,7 +95,8 @@ async fn invalid_json_and_non_utf8_then_a_good_request() {
     err(&conn.reply().await, "invalid_json");
     conn.send(b"\xff\xfe\xfd\n").await;
     err(&conn.reply().await, "invalid_json");
-    conn.send(b"{\"command\": \"ping\", \"id\": \"\xc3\x28\"}\n").await;
+    conn.send(b"{\"command\": \"ping\", \"id\": \"\xc3\x28\"}\n")
+        .await;
     err(&conn.reply().await, "invalid_json");
     conn.send(format!("{PING}\n")).await;
     assert_eq!(conn.reply().await["message"], "PONG");
@@ -102,10 +118,17 @@ async fn an_oversized_request_is_refused_before_the_close_and_stores_nothing() {
     conn.send(format!("{request}\n{PING}\n")).await;
     let reply = conn.reply().await;
     err(&reply, "request_too_large");
-    assert!(conn.closed().await, "the connection is closed after request_too_large");
+    assert!(
+        conn.closed().await,
+        "the connection is closed after request_too_large"
+    );
 
     let db = server.db.connect().await;
-    let count: i64 = db.query_one("SELECT count(*) FROM vms", &[]).await.unwrap().get(0);
+    let count: i64 = db
+        .query_one("SELECT count(*) FROM vms", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, 0, "nothing of the oversized request was executed");
 }
 
@@ -119,6 +142,7 @@ async fn a_request_at_the_limit_is_served() {
     assert_eq!(request.len(), 200);
     conn.send(format!("\n\n   {request}\n")).await;
     assert_eq!(conn.reply().await["message"], "PONG");
-    conn.send(json!({"command": "ping", "id": "y".repeat(room + 1)}).to_string()).await;
+    conn.send(json!({"command": "ping", "id": "y".repeat(room + 1)}).to_string())
+        .await;
     err(&conn.reply().await, "request_too_large");
 }

@@ -57,15 +57,25 @@ async fn no_reply_or_log_line_contains_a_password() {
     for request in requests {
         replies.push_str(&conn.call(request).await.to_string());
     }
-    conn.send(format!("{{\"command\": \"register\", \"password\": \"{SECRET}\" oops}}\n")).await;
+    conn.send(format!(
+        "{{\"command\": \"register\", \"password\": \"{SECRET}\" oops}}\n"
+    ))
+    .await;
     replies.push_str(&conn.reply().await.to_string());
-    conn.send(format!("{{\"command\": \"x\", \"data\": {{\"password\": \"{SECRET}{}\"}}}}\n", "y".repeat(70_000))).await;
+    conn.send(format!(
+        "{{\"command\": \"x\", \"data\": {{\"password\": \"{SECRET}{}\"}}}}\n",
+        "y".repeat(70_000)
+    ))
+    .await;
     replies.push_str(&conn.reply().await.to_string());
     drop(conn);
     server.shutdown().await;
 
     assert!(replies.contains("invalid_credentials") && replies.contains("request_too_large"));
-    assert!(!replies.contains(SECRET), "a reply holds the password: {replies}");
+    assert!(
+        !replies.contains(SECRET),
+        "a reply holds the password: {replies}"
+    );
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("authenticated"), "the log was captured");
     let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(SECRET)).collect();

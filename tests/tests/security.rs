@@ -20,9 +20,18 @@ async fn no_command_touches_another_vms_disks() {
     let server = TestServer::start().await;
     let mut mallory = server.client().await;
     let mut victim = server.client().await;
-    mallory.register(&registration("mallory", vec![1])).await.unwrap();
-    let theirs = victim.register(&registration("victim", vec![10, 20])).await.unwrap();
-    mallory.authenticate("mallory", &password_for("mallory")).await.unwrap();
+    mallory
+        .register(&registration("mallory", vec![1]))
+        .await
+        .unwrap();
+    let theirs = victim
+        .register(&registration("victim", vec![10, 20]))
+        .await
+        .unwrap();
+    mallory
+        .authenticate("mallory", &password_for("mallory"))
+        .await
+        .unwrap();
 
     for disk in &theirs.disks {
         let attempt = Update {
@@ -42,7 +51,10 @@ async fn no_command_touches_another_vms_disks() {
     let rams: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(rams, [("mallory".into(), 512), ("victim".into(), 512)]);
     let sizes: Vec<i32> = db
-        .query("SELECT disk_size FROM disks WHERE vm_id = 'victim' ORDER BY id", &[])
+        .query(
+            "SELECT disk_size FROM disks WHERE vm_id = 'victim' ORDER BY id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -53,23 +65,42 @@ async fn no_command_touches_another_vms_disks() {
     // A new disk goes to the caller's own VM, whatever it says.
     let mut raw = server.raw().await;
     ok(&raw.call(json!({"command": "authenticate", "data": {"vm_id": "mallory", "password": password_for("mallory")}})).await);
-    let reply = raw.call(json!({"command": "update", "data": {"vm_id": "victim", "ram": 1}})).await;
+    let reply = raw
+        .call(json!({"command": "update", "data": {"vm_id": "victim", "ram": 1}}))
+        .await;
     err(&reply, "invalid_params");
-    let reply = raw.call(json!({"command": "update", "data": {"disks": [{"disk_size": 5}]}})).await;
+    let reply = raw
+        .call(json!({"command": "update", "data": {"disks": [{"disk_size": 5}]}}))
+        .await;
     assert_eq!(ok(&reply)["vm"]["vm_id"], "mallory");
-    assert_eq!(victim.list_disks().await.is_err(), true, "victim is not authenticated");
+    assert_eq!(
+        victim.list_disks().await.is_err(),
+        true,
+        "victim is not authenticated"
+    );
 }
 
 #[tokio::test]
 async fn updates_resize_in_place_attach_and_refuse_shrinking() {
     let server = TestServer::start().await;
     let mut vm = server.client().await;
-    let created = vm.register(&registration("grow", vec![100, 200])).await.unwrap();
-    vm.authenticate("grow", &password_for("grow")).await.unwrap();
+    let created = vm
+        .register(&registration("grow", vec![100, 200]))
+        .await
+        .unwrap();
+    vm.authenticate("grow", &password_for("grow"))
+        .await
+        .unwrap();
     let (first, second) = (created.disks[0].id, created.disks[1].id);
 
-    let shrink = Update { resize: vec![(first, 150), (second, 199)], ..Update::default() };
-    assert_eq!(vm.update(&shrink).await.unwrap_err().code(), Some(vmm_core::ErrorCode::InvalidParams));
+    let shrink = Update {
+        resize: vec![(first, 150), (second, 199)],
+        ..Update::default()
+    };
+    assert_eq!(
+        vm.update(&shrink).await.unwrap_err().code(),
+        Some(vmm_core::ErrorCode::InvalidParams)
+    );
 
     let grow = Update {
         cpu: Some(3),
@@ -79,15 +110,28 @@ async fn updates_resize_in_place_attach_and_refuse_shrinking() {
     };
     let after = vm.update(&grow).await.unwrap();
     let disks: Vec<(i64, u32)> = after.disks.iter().map(|d| (d.id, d.disk_size)).collect();
-    assert_eq!(disks[..2], [(first, 100), (second, 300)], "the refused shrink changed nothing");
+    assert_eq!(
+        disks[..2],
+        [(first, 100), (second, 300)],
+        "the refused shrink changed nothing"
+    );
     assert_eq!(disks.len(), 3);
     assert!(disks[2].0 > second);
     assert_eq!((after.ram, after.cpu), (512, 3));
     assert!(after.updated_at > created.updated_at);
 
-    let too_many = Update { attach: vec![1; 62], ..Update::default() };
-    assert_eq!(vm.update(&too_many).await.unwrap_err().code(), Some(vmm_core::ErrorCode::InvalidParams));
-    let fill = Update { attach: vec![1; 61], ..Update::default() };
+    let too_many = Update {
+        attach: vec![1; 62],
+        ..Update::default()
+    };
+    assert_eq!(
+        vm.update(&too_many).await.unwrap_err().code(),
+        Some(vmm_core::ErrorCode::InvalidParams)
+    );
+    let fill = Update {
+        attach: vec![1; 61],
+        ..Update::default()
+    };
     assert_eq!(vm.update(&fill).await.unwrap().disks.len(), 64);
 }
 
@@ -138,12 +182,18 @@ async fn passwords_are_stored_as_argon2id_phc_strings() {
         conn.register(&registration(vm, vec![])).await.unwrap();
     }
     let db = server.db.connect().await;
-    let rows = db.query("SELECT vm_id, password_hash FROM vms", &[]).await.unwrap();
+    let rows = db
+        .query("SELECT vm_id, password_hash FROM vms", &[])
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 2);
     let mut hashes = Vec::new();
     for row in rows {
         let (vm_id, hash): (String, String) = (row.get(0), row.get(1));
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
         assert_eq!(hash.split('$').count(), 6, "a full PHC string: {hash}");
         assert!(!hash.contains(&password_for(&vm_id)));
         hashes.push(hash);

@@ -66,7 +66,10 @@ async fn every_seed_example_succeeds_verbatim() {
         } else {
             text
         };
-        assert!(text.contains('\n') && text.starts_with("{\n"), "pretty-printed: {text}");
+        assert!(
+            text.contains('\n') && text.starts_with("{\n"),
+            "pretty-printed: {text}"
+        );
         conn.send(&text).await;
         let reply = conn.reply().await;
         let keys: Vec<&String> = reply.as_object().unwrap().keys().collect();
@@ -134,7 +137,11 @@ async fn every_seed_example_succeeds_verbatim() {
                     .iter()
                     .map(|d| (d["id"].as_i64().unwrap(), d["disk_size"].as_i64().unwrap()))
                     .collect();
-                assert_eq!(disks, [(disk_ids[0], 150), (disk_ids[1], 250)], "resized in place");
+                assert_eq!(
+                    disks,
+                    [(disk_ids[0], 150), (disk_ids[1], 250)],
+                    "resized in place"
+                );
             }
             "logout" => assert_eq!(*data, serde_json::json!({})),
             other => panic!("unexpected example {other}"),

@@ -22,15 +22,30 @@ async fn lists_follow_connections() {
 
     // Three connections in three states, plus an operator that looks.
     let mut registered_only = server.client().await;
-    registered_only.register(&registration("reg", vec![5])).await.unwrap();
+    registered_only
+        .register(&registration("reg", vec![5]))
+        .await
+        .unwrap();
     let mut authenticated = server.client().await;
-    authenticated.register(&registration("auth", vec![6, 7])).await.unwrap();
-    authenticated.authenticate("auth", &password_for("auth")).await.unwrap();
+    authenticated
+        .register(&registration("auth", vec![6, 7]))
+        .await
+        .unwrap();
+    authenticated
+        .authenticate("auth", &password_for("auth"))
+        .await
+        .unwrap();
     let mut anonymous = server.client().await;
     anonymous.ping().await.unwrap();
     let mut operator = server.client().await;
-    operator.register(&registration("op", vec![])).await.unwrap();
-    operator.authenticate("op", &password_for("op")).await.unwrap();
+    operator
+        .register(&registration("op", vec![]))
+        .await
+        .unwrap();
+    operator
+        .authenticate("op", &password_for("op"))
+        .await
+        .unwrap();
 
     let active = operator.list_active().await.unwrap();
     assert_eq!(active.len(), 4);
@@ -60,7 +75,10 @@ async fn lists_follow_connections() {
     assert!(status("auth").connected && status("auth").authenticated);
 
     let disks = operator.list_disks().await.unwrap();
-    let owners: Vec<(&str, u32)> = disks.iter().map(|d| (d.vm_id.as_str(), d.disk_size)).collect();
+    let owners: Vec<(&str, u32)> = disks
+        .iter()
+        .map(|d| (d.vm_id.as_str(), d.disk_size))
+        .collect();
     assert_eq!(owners, [("reg", 5), ("auth", 6), ("auth", 7)]);
 
     // Logout: gone from authenticated_vms, still active and bound.
@@ -68,9 +86,15 @@ async fn lists_follow_connections() {
     let auth = operator.list_authenticated().await.unwrap();
     assert!(auth.iter().all(|s| s.vm.vm_id != "auth"));
     let active = operator.list_active().await.unwrap();
-    let entry = active.iter().find(|s| s.vm_id.as_deref() == Some("auth")).unwrap();
+    let entry = active
+        .iter()
+        .find(|s| s.vm_id.as_deref() == Some("auth"))
+        .unwrap();
     assert!(!entry.authenticated);
-    assert!(authenticated.list_all().await.is_err(), "a logged-out session cannot list");
+    assert!(
+        authenticated.list_all().await.is_err(),
+        "a logged-out session cannot list"
+    );
 
     // Disconnect: gone from the live lists at once, still in all_vms.
     drop(authenticated);
@@ -101,7 +125,9 @@ async fn last_seen_at_is_recorded_on_disconnect() {
     let server = TestServer::start().await;
     let mut vm = server.client().await;
     vm.register(&registration("seen", vec![])).await.unwrap();
-    vm.authenticate("seen", &password_for("seen")).await.unwrap();
+    vm.authenticate("seen", &password_for("seen"))
+        .await
+        .unwrap();
     let db = server.db.connect().await;
     let before: std::time::SystemTime = db
         .query_one("SELECT last_seen_at FROM vms WHERE vm_id = 'seen'", &[])
@@ -128,13 +154,20 @@ async fn authenticate_switches_and_register_binds() {
     conn.register(&registration("two", vec![])).await.unwrap();
     let active = conn.list_active().await;
     assert!(active.is_err(), "register does not authenticate");
-    conn.authenticate("one", &password_for("one")).await.unwrap();
-    conn.authenticate("two", &password_for("two")).await.unwrap();
+    conn.authenticate("one", &password_for("one"))
+        .await
+        .unwrap();
+    conn.authenticate("two", &password_for("two"))
+        .await
+        .unwrap();
     let auth = conn.list_authenticated().await.unwrap();
     assert_eq!(auth.len(), 1);
     assert_eq!(auth[0].vm.vm_id, "two");
     let updated = conn
-        .update(&vmm_core::client::Update { ram: Some(77), ..Default::default() })
+        .update(&vmm_core::client::Update {
+            ram: Some(77),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(updated.vm_id, "two");

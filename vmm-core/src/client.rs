@@ -12,8 +12,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 use crate::protocol::{
-    ActiveSession, AuthenticatedSession, CommandHelp, Data, DiskEntry, ErrorCode, ListType, Reply, Request,
-    VmStatus, VmView,
+    ActiveSession, AuthenticatedSession, CommandHelp, Data, DiskEntry, ErrorCode, ListType, Reply,
+    Request, VmStatus, VmView,
 };
 
 #[derive(Debug)]
@@ -24,7 +24,10 @@ pub enum ClientError {
     /// The server sent something that is not a reply of the expected shape.
     Protocol(String),
     /// The server answered with an error reply.
-    Server { code: ErrorCode, message: String },
+    Server {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl ClientError {

@@ -251,7 +251,10 @@ impl Connection {
             self.writer.flush().await?;
             self.writer.shutdown().await
         };
-        if tokio::time::timeout(Duration::from_secs(1), sent).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(1), sent)
+            .await
+            .is_err()
+        {
             return;
         }
         let mut sink = [0u8; 4096];
@@ -283,7 +286,8 @@ mod tests {
 
     #[test]
     fn back_to_back_pretty_and_delimited() {
-        let input = b"{\"a\":1}{\"b\":[1,{\"c\":\"}\"}]}\n\n  {\n  \"d\": \"x\\\"y\"\n}\r\n[1]\"s\" 12 ";
+        let input =
+            b"{\"a\":1}{\"b\":[1,{\"c\":\"}\"}]}\n\n  {\n  \"d\": \"x\\\"y\"\n}\r\n[1]\"s\" 12 ";
         assert_eq!(
             frames(input, 1000),
             vec![

@@ -36,7 +36,10 @@ impl Error {
     }
 
     pub fn invalid_credentials() -> Error {
-        Error::new(ErrorCode::InvalidCredentials, "unknown VM or wrong password")
+        Error::new(
+            ErrorCode::InvalidCredentials,
+            "unknown VM or wrong password",
+        )
     }
 
     pub fn unavailable() -> Error {

@@ -6,8 +6,8 @@
 
 use std::ops::RangeInclusive;
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -32,10 +32,7 @@ fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str> {
 }
 
 fn shorten(text: &str) -> String {
-    text.chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect()
+    text.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
 fn expected_in_words(expected: &str) -> &str {
@@ -66,7 +63,13 @@ fn describe(path: &str, err: &serde_json::Error) -> String {
         let got = rest
             .split([' ', ','])
             .next()
-            .map(|kind| if kind == "floating" { "a fraction" } else { kind })
+            .map(|kind| {
+                if kind == "floating" {
+                    "a fraction"
+                } else {
+                    kind
+                }
+            })
             .unwrap_or("something else");
         let expected = rest.rsplit(", expected ").next().unwrap_or("another type");
         return format!(
@@ -170,16 +173,39 @@ mod tests {
     #[test]
     fn messages_name_the_field_and_never_the_value() {
         let cases = [
-            (json!({"ram": "hunter22", "password": "x"}), "`ram` must be an integer, not a string"),
-            (json!({"ram": 1.5, "password": "x"}), "`ram` must be an integer, not a fraction"),
+            (
+                json!({"ram": "hunter22", "password": "x"}),
+                "`ram` must be an integer, not a string",
+            ),
+            (
+                json!({"ram": 1.5, "password": "x"}),
+                "`ram` must be an integer, not a fraction",
+            ),
             (json!({"password": "hunter22"}), "`ram` is required"),
-            (json!({"ram": 1, "password": 5}), "`password` must be a string, not an integer"),
-            (json!({"ram": 1, "password": "x", "hunter22": 1}), "`hunter22` is not a known field"),
-            (json!({"ram": 1, "password": "x", "disks": [{"disk_size": "hunter22"}]}),
-             "`disks[0].disk_size` must be an integer, not a string"),
-            (json!({"ram": 1, "password": "x", "disks": [{}]}), "`disks[0].disk_size` is required"),
-            (json!({"ram": 1, "password": "x", "disks": {"a": 1}}), "`disks` must be an array, not an object"),
-            (json!({"ram": 18446744073709551615u64, "password": "x"}), "`ram` is out of range"),
+            (
+                json!({"ram": 1, "password": 5}),
+                "`password` must be a string, not an integer",
+            ),
+            (
+                json!({"ram": 1, "password": "x", "hunter22": 1}),
+                "`hunter22` is not a known field",
+            ),
+            (
+                json!({"ram": 1, "password": "x", "disks": [{"disk_size": "hunter22"}]}),
+                "`disks[0].disk_size` must be an integer, not a string",
+            ),
+            (
+                json!({"ram": 1, "password": "x", "disks": [{}]}),
+                "`disks[0].disk_size` is required",
+            ),
+            (
+                json!({"ram": 1, "password": "x", "disks": {"a": 1}}),
+                "`disks` must be an array, not an object",
+            ),
+            (
+                json!({"ram": 18446744073709551615u64, "password": "x"}),
+                "`ram` is out of range",
+            ),
         ];
         for (input, expected) in cases {
             let got = message(input);

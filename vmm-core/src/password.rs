@@ -73,7 +73,11 @@ impl Passwords {
         &self,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let _permit = self.permits.acquire().await.map_err(|_| Error::internal())?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::internal())?;
         tokio::task::spawn_blocking(work).await.map_err(|err| {
             tracing::error!(error = %err, "password hashing task failed");
             Error::internal()
@@ -89,7 +93,10 @@ mod tests {
     async fn hashes_are_argon2id_and_verify() {
         let passwords = Passwords::new(2);
         let hash = passwords.hash("securePass123".into()).await.unwrap();
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
         assert!(!hash.contains("securePass123"));
         assert!(
             passwords

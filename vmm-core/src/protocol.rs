@@ -148,7 +148,11 @@ pub struct Reply {
     pub data: Data,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<ErrorCode>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub id: Option<Value>,
 }
 
@@ -191,8 +195,7 @@ impl Reply {
     pub fn to_line(&self) -> Vec<u8> {
         // Serialising plain maps and strings cannot fail.
         let mut line = serde_json::to_vec(self).unwrap_or_else(|_| {
-            br#"{"status":"error","message":"internal error","data":{},"code":"internal"}"#
-                .to_vec()
+            br#"{"status":"error","message":"internal error","data":{},"code":"internal"}"#.to_vec()
         });
         line.push(b'\n');
         line
@@ -350,7 +353,9 @@ mod tests {
     fn null_id_is_echoed() {
         let request = Request::from_value(json!({"command": "ping", "id": null})).unwrap();
         assert_eq!(request.id, Some(Value::Null));
-        let line = Reply::success("PONG", Data::new()).with_id(request.id).to_line();
+        let line = Reply::success("PONG", Data::new())
+            .with_id(request.id)
+            .to_line();
         let back: Reply = serde_json::from_slice(&line).unwrap();
         assert_eq!(back.id, Some(Value::Null));
     }

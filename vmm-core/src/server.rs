@@ -82,7 +82,10 @@ pub async fn serve(
     let _ = stop.send(());
     let open = tasks.len();
     if open > 0 {
-        tracing::info!(connections = open, "shutting down, waiting for requests in flight");
+        tracing::info!(
+            connections = open,
+            "shutting down, waiting for requests in flight"
+        );
     }
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(context.config.shutdown_grace, drain)
@@ -103,7 +106,9 @@ async fn refuse(stream: TcpStream, max_request: usize) {
         ErrorCode::ServerBusy,
         "the server has too many connections; try again later",
     );
-    Connection::new(stream, max_request).close_with(&reply).await;
+    Connection::new(stream, max_request)
+        .close_with(&reply)
+        .await;
 }
 
 /// Runs one connection until it closes, the client misbehaves beyond
@@ -183,7 +188,10 @@ async fn execute(
     // Only a registered name is logged: an unknown one is arbitrary client
     // input and could be anything, a password included.
     let (name, result) = match registry.get(&command) {
-        Some(command) => (command.name, (command.handler)(context, session, data).await),
+        Some(command) => (
+            command.name,
+            (command.handler)(context, session, data).await,
+        ),
         None => (
             "(unknown)",
             Err(Error::new(

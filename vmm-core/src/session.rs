@@ -78,7 +78,9 @@ impl Sessions {
     /// A poisoned lock only means another thread panicked while holding it;
     /// every update below is a single insert or remove, so the map is whole.
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, SessionInfo>> {
-        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -365,11 +365,8 @@ impl Store {
                  updated_at = now() WHERE vm_id = $1",
             )
             .await?;
-        tx.execute(
-            &set,
-            &[&vm_id, &update.ram.map(int), &update.cpu.map(int)],
-        )
-        .await?;
+        tx.execute(&set, &[&vm_id, &update.ram.map(int), &update.cpu.map(int)])
+            .await?;
 
         let view = Self::fetch_one(&tx, vm_id).await?;
         tx.commit().await?;

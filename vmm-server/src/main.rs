@@ -70,7 +70,10 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(listen: SocketAddr, config: vmm_core::Config) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(
+    listen: SocketAddr,
+    config: vmm_core::Config,
+) -> Result<(), Box<dyn std::error::Error>> {
     let context = vmm_core::Context::connect(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

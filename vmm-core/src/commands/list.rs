@@ -121,14 +121,21 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
                 let entries: Vec<VmStatus> = records
                     .into_iter()
                     .map(|record| {
-                        let mine = |s: &&SessionInfo| s.vm_id.as_deref() == Some(&record.view.vm_id);
+                        let mine =
+                            |s: &&SessionInfo| s.vm_id.as_deref() == Some(&record.view.vm_id);
                         let connected = sessions.iter().any(|s| mine(&s));
-                        let authenticated =
-                            sessions.iter().filter(mine).any(SessionInfo::is_authenticated);
+                        let authenticated = sessions
+                            .iter()
+                            .filter(mine)
+                            .any(SessionInfo::is_authenticated);
                         VmStatus {
                             connected,
                             authenticated,
-                            last_seen_at: if connected { Some(now) } else { record.last_seen_at },
+                            last_seen_at: if connected {
+                                Some(now)
+                            } else {
+                                record.last_seen_at
+                            },
                             vm: record.view,
                         }
                     })
