@@ -1,1 +1,357 @@
-fn main() {}
+//! `vmm-client`: talks to a vmm server over its JSON-over-TCP protocol.
+//!
+//! With a subcommand it runs that one command (authenticating first on the
+//! same connection when the command needs a session) and exits; without one
+//! it opens an interactive shell over a single connection. People get tables
+//! and message lines; `--json` prints the server's reply lines verbatim for
+//! scripts. All I/O goes through [`vmm_core::Client`].
+//!
+//! The modules: `main` parses the arguments and dispatches, `conn` runs
+//! requests over one connection and defines the exit codes, `render` draws
+//! tables, `password` finds a one-shot command's password, `shell` is the
+//! interactive shell and `input` its blocking input thread.
+
+mod conn;
+mod input;
+mod out;
+mod password;
+mod render;
+mod shell;
+
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use vmm_core::client::{Registration, Update};
+use vmm_core::protocol::ListType;
+
+use crate::conn::{Conn, Failure, Op};
+
+const ABOUT: &str = "Command-line client and interactive shell for the vmm server";
+
+const LONG_ABOUT: &str = "\
+Command-line client and interactive shell for the vmm server.
+
+With a subcommand, runs that one command and exits. Commands that need a
+session (list, update, logout) authenticate first on the same connection.
+Passwords come from --password-stdin, else $VMM_PASSWORD, else a prompt
+without echo on the terminal; never from a command-line argument.
+
+Without a subcommand, opens an interactive shell over one connection (type
+`help` in it). When stdin is not a terminal the shell reads its commands, and
+the answers to its questions (passwords included), one per line from stdin,
+prints no prompts, and exits 0 at the end of the input even if some commands
+got error replies (like redis-cli); only a lost connection (3) changes that.
+
+Examples:
+  vmm-client ping
+  vmm-client register --vm-id stalin --ram 512 --cpu 4 --disk 100 --disk 200
+  VMM_PASSWORD=securePass123 vmm-client list all --vm-id stalin
+  vmm-client update --vm-id stalin --ram 2048 --cpu 8 --disk 1=150 --new-disk 50
+  echo securePass123 | vmm-client --json logout --vm-id stalin --password-stdin
+  vmm-client send '{\"command\": \"ping\", \"id\": 1}'
+  vmm-client --addr 10.0.0.5:8888
+  printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the server answered with an error reply (printed as `error: MESSAGE (CODE)`)
+  2  usage error: bad arguments, or no password source
+  3  cannot connect, the connection was lost, or the reply made no sense
+The shell reading a script from stdin exits 0 at the end of the input even if
+some commands got error replies; only a lost connection makes it exit 3.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm-client",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXIT_CODES,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    /// Server address (host:port).
+    #[arg(
+        long,
+        env = "VMM_ADDR",
+        default_value = "127.0.0.1:8888",
+        global = true
+    )]
+    addr: String,
+
+    /// Print the server's reply lines verbatim, one per line, instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Who to authenticate as, and where the password comes from.
+#[derive(Debug, Args)]
+struct Login {
+    /// The VM's id.
+    #[arg(long, env = "VMM_VM_ID")]
+    vm_id: String,
+
+    /// Read the password from the first line of stdin (instead of $VMM_PASSWORD or a prompt).
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that the server answers (prints PONG).
+    Ping,
+
+    /// Register a new VM with its disks.
+    Register {
+        #[command(flatten)]
+        login: Login,
+
+        /// RAM in MiB.
+        #[arg(long)]
+        ram: u32,
+
+        /// Number of CPUs.
+        #[arg(long)]
+        cpu: u32,
+
+        /// A disk's size in GiB; repeat for more disks.
+        #[arg(long = "disk", value_name = "GIB")]
+        disks: Vec<u32>,
+    },
+
+    /// Check a VM's credentials and show the VM.
+    Authenticate {
+        #[command(flatten)]
+        login: Login,
+    },
+
+    /// List open connections, authenticated connections, all VMs or all disks.
+    List {
+        /// What to list.
+        #[arg(value_enum)]
+        kind: ListKind,
+
+        #[command(flatten)]
+        login: Login,
+    },
+
+    /// Change the VM's RAM, CPUs and disks (at least one change is needed).
+    #[command(group(
+        ArgGroup::new("changes")
+            .required(true)
+            .multiple(true)
+            .args(["ram", "cpu", "resize", "attach"])
+    ))]
+    Update {
+        #[command(flatten)]
+        login: Login,
+
+        /// New RAM in MiB.
+        #[arg(long)]
+        ram: Option<u32>,
+
+        /// New number of CPUs.
+        #[arg(long)]
+        cpu: Option<u32>,
+
+        /// Resize the existing disk ID to SIZE GiB; repeatable.
+        #[arg(long = "disk", value_name = "ID=SIZE", value_parser = parse_resize)]
+        resize: Vec<Resize>,
+
+        /// Attach a new disk of SIZE GiB; repeatable.
+        #[arg(long = "new-disk", value_name = "SIZE")]
+        attach: Vec<u32>,
+    },
+
+    /// End the VM's authentication (authenticates first, then logs out).
+    Logout {
+        #[command(flatten)]
+        login: Login,
+    },
+
+    /// Send TEXT exactly as given and print the reply line(s) verbatim.
+    Send {
+        /// The raw request, e.g. '{"command": "ping"}'.
+        text: String,
+    },
+
+    /// Show the commands the server understands.
+    Help,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ListKind {
+    /// Every open connection (active_vms).
+    #[value(alias = "active_vms")]
+    Active,
+    /// Every authenticated connection (authenticated_vms).
+    #[value(alias = "authenticated_vms")]
+    Auth,
+    /// Every VM ever registered (all_vms).
+    #[value(alias = "all_vms")]
+    All,
+    /// Every disk (all_disks).
+    #[value(alias = "all_disks")]
+    Disks,
+}
+
+impl From<ListKind> for ListType {
+    fn from(kind: ListKind) -> ListType {
+        match kind {
+            ListKind::Active => ListType::ActiveVms,
+            ListKind::Auth => ListType::AuthenticatedVms,
+            ListKind::All => ListType::AllVms,
+            ListKind::Disks => ListType::AllDisks,
+        }
+    }
+}
+
+/// `--disk ID=SIZE` of `update`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resize {
+    pub id: i64,
+    pub size: u32,
+}
+
+/// Parses `ID=SIZE`, e.g. `1=150`.
+pub fn parse_resize(text: &str) -> Result<Resize, String> {
+    let wrong = || format!("`{text}` is not ID=SIZE (e.g. 1=150)");
+    let (id, size) = text.split_once('=').ok_or_else(wrong)?;
+    let id = id.trim().parse().map_err(|_| wrong())?;
+    let size = size.trim().parse().map_err(|_| wrong())?;
+    Ok(Resize { id, size })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => shell::run(&cli.addr, cli.json).await,
+        Some(command) => one_shot(&cli.addr, cli.json, command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {failure}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+async fn one_shot(addr: &str, json: bool, command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Ping => simple(addr, json, Op::Ping).await,
+        Command::Help => simple(addr, json, Op::Help).await,
+        Command::Register {
+            login,
+            ram,
+            cpu,
+            disks,
+        } => {
+            let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
+            let registration = Registration {
+                vm_id: login.vm_id,
+                ram,
+                cpu,
+                password,
+                disks,
+            };
+            simple(addr, json, Op::Register(registration)).await
+        }
+        Command::Authenticate { login } => {
+            let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
+            let op = Op::Authenticate {
+                vm_id: login.vm_id,
+                password,
+            };
+            simple(addr, json, op).await
+        }
+        Command::List { kind, login } => {
+            authenticated(addr, json, login, Op::List(kind.into())).await
+        }
+        Command::Update {
+            login,
+            ram,
+            cpu,
+            resize,
+            attach,
+        } => {
+            let update = Update {
+                ram,
+                cpu,
+                resize: resize.iter().map(|r| (r.id, r.size)).collect(),
+                attach,
+            };
+            authenticated(addr, json, login, Op::Update(update)).await
+        }
+        Command::Logout { login } => authenticated(addr, json, login, Op::Logout).await,
+        Command::Send { text } => {
+            conn::replies_expected(&text)?;
+            let mut conn = Conn::connect(addr, json).await?;
+            let replies = conn.raw(&text).await?;
+            match replies.iter().find(|reply| !reply.is_success()) {
+                Some(reply) => Err(Failure::from_reply(reply)),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// Connects and runs one command.
+async fn simple(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
+    let mut conn = Conn::connect(addr, json).await?;
+    conn.run(&op).await.map(drop)
+}
+
+/// Connects, authenticates as `login`, then runs `op` on the same connection.
+async fn authenticated(addr: &str, json: bool, login: Login, op: Op) -> Result<(), Failure> {
+    let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
+    let mut conn = Conn::connect(addr, json).await?;
+    conn.login(&login.vm_id, password).await?;
+    conn.run(&op).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn resize_takes_id_equals_size() {
+        assert_eq!(parse_resize("1=150"), Ok(Resize { id: 1, size: 150 }));
+        assert!(parse_resize("1=abc").is_err());
+        assert!(parse_resize("150").is_err());
+        assert!(parse_resize("=5").is_err());
+    }
+
+    #[test]
+    fn update_needs_a_change() {
+        let parsed = Cli::try_parse_from(["vmm-client", "update", "--vm-id", "a"]);
+        assert!(parsed.is_err());
+        let parsed =
+            Cli::try_parse_from(["vmm-client", "update", "--vm-id", "a", "--new-disk", "5"]);
+        assert!(parsed.is_ok());
+    }
+
+    #[test]
+    fn there_is_no_password_flag() {
+        let parsed = Cli::try_parse_from([
+            "vmm-client",
+            "authenticate",
+            "--vm-id",
+            "a",
+            "--password",
+            "secret",
+        ]);
+        assert!(parsed.is_err());
+    }
+}

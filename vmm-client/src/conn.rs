@@ -1,0 +1,305 @@
+//! One connection to the server, the operations the client runs over it, and
+//! the ways a run can fail (each with its exit code).
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use serde_json::{Value, json};
+use vmm_core::client::{ClientError, Registration, Update};
+use vmm_core::connection::FrameDecoder;
+use vmm_core::protocol::ListType;
+use vmm_core::{Client, Data, ErrorCode, Reply, Request};
+
+use crate::{out, render};
+
+/// How long connecting may take before it counts as "cannot connect".
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a command did not succeed. Each kind has its own exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad arguments or input noticed on this side: exit 2.
+    Usage(String),
+    /// The server answered with an error reply: exit 1.
+    Server {
+        message: String,
+        code: Option<ErrorCode>,
+    },
+    /// Cannot connect, the connection was lost, or the server's reply made no
+    /// sense: exit 3.
+    Connection(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Server { .. } => 1,
+            Failure::Usage(_) => 2,
+            Failure::Connection(_) => 3,
+        }
+    }
+
+    /// The failure an error reply stands for.
+    pub fn from_reply(reply: &Reply) -> Failure {
+        Failure::Server {
+            message: reply.message.clone(),
+            code: reply.code,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Usage(message) | Failure::Connection(message) => f.write_str(message),
+            Failure::Server {
+                message,
+                code: Some(code),
+            } => write!(f, "{message} ({code})"),
+            Failure::Server {
+                message,
+                code: None,
+            } => f.write_str(message),
+        }
+    }
+}
+
+/// An I/O error's text without the trailing ` (os error N)`.
+fn describe(err: &io::Error) -> String {
+    let text = err.to_string();
+    match err.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .map_or_else(|| text.clone(), str::to_owned),
+        None => text,
+    }
+}
+
+/// One request the client knows how to build and show the answer of.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Ping,
+    Register(Registration),
+    Authenticate { vm_id: String, password: String },
+    List(ListType),
+    Update(Update),
+    Logout,
+    Help,
+}
+
+impl Op {
+    pub fn command(&self) -> &'static str {
+        match self {
+            Op::Ping => "ping",
+            Op::Register(_) => "register",
+            Op::Authenticate { .. } => "authenticate",
+            Op::List(_) => "list",
+            Op::Update(_) => "update",
+            Op::Logout => "logout",
+            Op::Help => "help",
+        }
+    }
+
+    fn data(&self) -> Value {
+        match self {
+            Op::Ping | Op::Logout | Op::Help => json!({}),
+            Op::Register(registration) => {
+                let disks: Vec<Value> = registration
+                    .disks
+                    .iter()
+                    .map(|size| json!({"disk_size": size}))
+                    .collect();
+                json!({
+                    "vm_id": registration.vm_id,
+                    "ram": registration.ram,
+                    "cpu": registration.cpu,
+                    "password": registration.password,
+                    "disks": disks,
+                })
+            }
+            Op::Authenticate { vm_id, password } => {
+                json!({"vm_id": vm_id, "password": password})
+            }
+            Op::List(kind) => json!({"list_type": kind.as_str()}),
+            Op::Update(update) => update.to_data(),
+        }
+    }
+
+    /// The request as it goes on the wire.
+    pub fn to_text(&self) -> String {
+        let data = match self.data() {
+            Value::Object(data) => data,
+            _ => Data::new(),
+        };
+        Request {
+            command: self.command().to_owned(),
+            data,
+            id: None,
+        }
+        .to_value()
+        .to_string()
+    }
+}
+
+/// How many replies the server will send for `text`, found with the server's
+/// own framing: one per JSON value, one per invalid value (the rest of its
+/// line is skipped). `Err` when the text ends inside a value, which the
+/// server would wait for the rest of.
+pub fn replies_expected(text: &str) -> Result<usize, Failure> {
+    let mut decoder = FrameDecoder::new(usize::MAX);
+    let mut buf = BytesMut::from(text.as_bytes());
+    buf.extend_from_slice(b"\n");
+    let mut count = 0;
+    while decoder.decode(&mut buf).is_some() {
+        count += 1;
+    }
+    if !buf.is_empty() {
+        return Err(Failure::Usage(
+            "the text ends inside a JSON value; the server would wait for the rest".into(),
+        ));
+    }
+    if count == 0 {
+        return Err(Failure::Usage("nothing to send".into()));
+    }
+    Ok(count)
+}
+
+/// A connection, with the address it was opened to and how to print replies.
+#[derive(Debug)]
+pub struct Conn {
+    client: Client,
+    addr: String,
+    json: bool,
+}
+
+impl Conn {
+    pub async fn connect(addr: &str, json: bool) -> Result<Conn, Failure> {
+        let cannot = |why: String| Failure::Connection(format!("cannot connect to {addr}: {why}"));
+        let client = match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(addr)).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(err)) => return Err(cannot(describe(&err))),
+            Err(_) => return Err(cannot("timed out".into())),
+        };
+        Ok(Conn {
+            client,
+            addr: addr.to_owned(),
+            json,
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn lost(&self, err: ClientError) -> Failure {
+        let addr = &self.addr;
+        Failure::Connection(match err {
+            ClientError::Io(err) => format!("connection to {addr} lost: {}", describe(&err)),
+            ClientError::Closed => format!("the server at {addr} closed the connection"),
+            ClientError::Protocol(what) => format!("unexpected reply from {addr}: {what}"),
+            ClientError::Server { code, message } => format!("{message} ({code})"),
+        })
+    }
+
+    fn parse(&self, line: &str) -> Result<Reply, Failure> {
+        serde_json::from_str(line).map_err(|err| {
+            Failure::Connection(format!(
+                "unexpected reply from {}: {err}: {line}",
+                self.addr
+            ))
+        })
+    }
+
+    /// Runs `op` and prints its outcome on success: the reply line with
+    /// `--json`, else a table or message. An error reply is returned as
+    /// [`Failure::Server`] and printed by the caller (the raw line, with
+    /// `--json`, is printed here).
+    pub async fn run(&mut self, op: &Op) -> Result<Reply, Failure> {
+        self.exchange(op, true).await
+    }
+
+    /// Authenticates before another command: like [`Conn::run`], but prints
+    /// nothing on success except the reply line with `--json`.
+    pub async fn login(&mut self, vm_id: &str, password: String) -> Result<Reply, Failure> {
+        let op = Op::Authenticate {
+            vm_id: vm_id.to_owned(),
+            password,
+        };
+        self.exchange(&op, false).await
+    }
+
+    async fn exchange(&mut self, op: &Op, show: bool) -> Result<Reply, Failure> {
+        let line = match self.client.send_raw(&op.to_text()).await {
+            Ok(line) => line,
+            Err(err) => return Err(self.lost(err)),
+        };
+        let reply = self.parse(&line)?;
+        if self.json {
+            out::line(&line);
+        }
+        if !reply.is_success() {
+            return Err(Failure::from_reply(&reply));
+        }
+        if show && !self.json {
+            let text = render::reply(op, &reply).map_err(|what| {
+                Failure::Connection(format!("unexpected reply from {}: {what}", self.addr))
+            })?;
+            out::line(&text);
+        }
+        Ok(reply)
+    }
+
+    /// Sends `text` exactly as given and prints every reply line verbatim.
+    /// Returns the decoded replies, in order.
+    pub async fn raw(&mut self, text: &str) -> Result<Vec<Reply>, Failure> {
+        let expected = replies_expected(text)?;
+        let mut replies = Vec::with_capacity(expected);
+        for i in 0..expected {
+            let line = if i == 0 {
+                self.client.send_raw(text).await
+            } else {
+                self.client.read_line().await
+            };
+            let line = line.map_err(|err| self.lost(err))?;
+            out::line(&line);
+            replies.push(self.parse(&line)?);
+        }
+        Ok(replies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_counted_like_the_server_frames_them() {
+        let count = |text: &str| replies_expected(text).ok();
+        assert_eq!(count(r#"{"command":"ping"}"#), Some(1));
+        assert_eq!(count(r#"{"command":"ping"} {"command":"help"}"#), Some(2));
+        assert_eq!(count("{\n  \"command\": \"ping\"\n}"), Some(1));
+        assert_eq!(count("not json"), Some(1));
+        assert_eq!(count("[1] 2 \"x\""), Some(3));
+        assert_eq!(count(r#"{"command":"#), None);
+        assert_eq!(count("   "), None);
+        assert_eq!(count(""), None);
+    }
+
+    #[test]
+    fn requests_have_no_id() {
+        let text = Op::List(ListType::AllDisks).to_text();
+        assert_eq!(
+            text,
+            r#"{"command":"list","data":{"list_type":"all_disks"}}"#
+        );
+        assert_eq!(Op::Ping.to_text(), r#"{"command":"ping","data":{}}"#);
+    }
+
+    #[test]
+    fn os_error_suffix_is_dropped() {
+        let err = io::Error::from_raw_os_error(111);
+        assert!(!describe(&err).contains("os error"), "{}", describe(&err));
+    }
+}

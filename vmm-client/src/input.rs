@@ -1,0 +1,184 @@
+//! The shell's input, read on a thread of its own so that blocking reads
+//! (rustyline, rpassword, a pipe) never stall the async runtime.
+//!
+//! On a terminal, lines come from rustyline (editing, history in
+//! `$HOME/.vmm_history`) and passwords from rpassword (no echo). Otherwise
+//! lines are read plainly from stdin, no prompt is printed, and a password is
+//! simply the next line.
+
+use std::io::{self, BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread;
+
+use rustyline::DefaultEditor;
+use rustyline::error::ReadlineError;
+use tokio::sync::oneshot;
+
+use crate::password::chomp;
+
+/// What the shell asks the input thread for.
+#[derive(Debug)]
+enum Ask {
+    /// A command line; goes into the history.
+    Command(String),
+    /// The answer to a question (not kept in the history).
+    Answer(String),
+    /// A password: no echo on a terminal, never in the history.
+    Password(String),
+}
+
+/// What came back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read {
+    Line(String),
+    /// Ctrl-C at a terminal prompt: drop the current line or command.
+    Interrupted,
+    /// Ctrl-D or the end of the piped input.
+    Eof,
+}
+
+type Reply = oneshot::Sender<io::Result<Read>>;
+
+#[derive(Debug)]
+pub struct Input {
+    asks: Option<mpsc::Sender<(Ask, Reply)>>,
+    thread: Option<thread::JoinHandle<()>>,
+    interactive: bool,
+}
+
+impl Input {
+    /// Starts the input thread: interactive when stdin is a terminal.
+    pub fn start() -> Input {
+        let interactive = io::stdin().is_terminal();
+        let (asks, receiver) = mpsc::channel::<(Ask, Reply)>();
+        let thread = thread::spawn(move || {
+            let mut source = Source::new(interactive);
+            while let Ok((ask, reply)) = receiver.recv() {
+                // The shell may have stopped waiting; nothing to do then.
+                let _ = reply.send(source.read(ask));
+            }
+            source.finish();
+        });
+        Input {
+            asks: Some(asks),
+            thread: Some(thread),
+            interactive,
+        }
+    }
+
+    /// Whether input comes from a person at a terminal.
+    pub fn interactive(&self) -> bool {
+        self.interactive
+    }
+
+    async fn ask(&self, ask: Ask) -> io::Result<Read> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || io::Error::other("the input thread stopped");
+        self.asks
+            .as_ref()
+            .ok_or_else(gone)?
+            .send((ask, reply))
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    pub async fn command(&self, prompt: &str) -> io::Result<Read> {
+        self.ask(Ask::Command(prompt.to_owned())).await
+    }
+
+    pub async fn answer(&self, prompt: &str) -> io::Result<Read> {
+        self.ask(Ask::Answer(prompt.to_owned())).await
+    }
+
+    pub async fn password(&self, prompt: &str) -> io::Result<Read> {
+        self.ask(Ask::Password(prompt.to_owned())).await
+    }
+
+    /// Stops the thread, which saves the history.
+    pub async fn finish(mut self) {
+        self.asks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+enum Source {
+    /// `None` when rustyline could not be set up; plain reads are used then.
+    Terminal(Option<Box<DefaultEditor>>, Option<PathBuf>),
+    Piped(io::StdinLock<'static>),
+}
+
+impl Source {
+    fn new(interactive: bool) -> Source {
+        if !interactive {
+            return Source::Piped(io::stdin().lock());
+        }
+        let history = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".vmm_history"));
+        let editor = DefaultEditor::new().ok().map(|mut editor| {
+            if let Some(path) = &history {
+                let _ = editor.load_history(path);
+            }
+            Box::new(editor)
+        });
+        Source::Terminal(editor, history)
+    }
+
+    fn read(&mut self, ask: Ask) -> io::Result<Read> {
+        match self {
+            Source::Piped(stdin) => plain_line(stdin),
+            Source::Terminal(editor, _) => match ask {
+                Ask::Password(prompt) => match rpassword::prompt_password(prompt) {
+                    Ok(password) => Ok(Read::Line(password)),
+                    Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => Ok(Read::Eof),
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => Ok(Read::Interrupted),
+                    Err(err) => Err(err),
+                },
+                Ask::Command(prompt) | Ask::Answer(prompt) if editor.is_none() => {
+                    eprint!("{prompt}");
+                    plain_line(&mut io::stdin().lock())
+                }
+                Ask::Command(prompt) => edited_line(editor, &prompt, true),
+                Ask::Answer(prompt) => edited_line(editor, &prompt, false),
+            },
+        }
+    }
+
+    fn finish(self) {
+        if let Source::Terminal(Some(mut editor), Some(path)) = self {
+            // Not being able to save the history is no reason to complain.
+            let _ = editor.save_history(&path);
+        }
+    }
+}
+
+fn plain_line(stdin: &mut impl BufRead) -> io::Result<Read> {
+    let mut line = String::new();
+    if stdin.read_line(&mut line)? == 0 {
+        return Ok(Read::Eof);
+    }
+    Ok(Read::Line(chomp(line)))
+}
+
+fn edited_line(
+    editor: &mut Option<Box<DefaultEditor>>,
+    prompt: &str,
+    remember: bool,
+) -> io::Result<Read> {
+    let Some(editor) = editor else {
+        return plain_line(&mut io::stdin().lock());
+    };
+    match editor.readline(prompt) {
+        Ok(line) => {
+            if remember && !line.trim().is_empty() {
+                let _ = editor.add_history_entry(line.as_str());
+            }
+            Ok(Read::Line(line))
+        }
+        Err(ReadlineError::Interrupted) => Ok(Read::Interrupted),
+        Err(ReadlineError::Eof) => Ok(Read::Eof),
+        Err(ReadlineError::Io(err)) => Err(err),
+        Err(err) => Err(io::Error::other(err)),
+    }
+}

@@ -1,0 +1,254 @@
+//! What people see: a message line for simple successes, aligned tables for
+//! VMs and lists.
+
+use comfy_table::{CellAlignment, Table, presets};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use vmm_core::Reply;
+use vmm_core::protocol::{
+    ActiveSession, AuthenticatedSession, CommandHelp, DiskEntry, DiskView, ListType, Timestamp,
+    VmStatus, VmView,
+};
+
+use crate::conn::Op;
+
+/// The text to print for a successful `reply` to `op`; `Err` names what in
+/// the reply did not have the expected shape.
+pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
+    match op {
+        Op::Ping | Op::Logout => Ok(reply.message.clone()),
+        Op::Register(_) | Op::Authenticate { .. } | Op::Update(_) => {
+            let vm: VmView = field(reply, "vm")?;
+            Ok(format!("{}\n{}", reply.message, vm_table(&vm)))
+        }
+        Op::Help => Ok(help_table(&field::<Vec<CommandHelp>>(reply, "commands")?)),
+        Op::List(kind) => {
+            let key = kind.as_str();
+            Ok(match kind {
+                ListType::ActiveVms => active_table(field(reply, key)?),
+                ListType::AuthenticatedVms => authenticated_table(field(reply, key)?),
+                ListType::AllVms => all_table(field(reply, key)?),
+                ListType::AllDisks => disks_table(field(reply, key)?),
+            })
+        }
+    }
+}
+
+/// The value under `key` in the reply's `data`, decoded.
+fn field<T: DeserializeOwned>(reply: &Reply, key: &str) -> Result<T, String> {
+    let value = reply.data.get(key).cloned().unwrap_or(Value::Null);
+    serde_json::from_value(value).map_err(|err| format!("`data.{key}`: {err}"))
+}
+
+/// A table with `header`; columns whose index is in `right` are right-aligned.
+fn table(header: &[&str], right: &[usize]) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::ASCII_FULL_CONDENSED);
+    table.set_header(header.to_vec());
+    for &index in right {
+        if let Some(column) = table.column_mut(index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
+
+/// A list table followed by its row count, psql style.
+fn with_count(table: &Table) -> String {
+    let rows = table.row_count();
+    let noun = if rows == 1 { "row" } else { "rows" };
+    format!("{table}\n({rows} {noun})")
+}
+
+/// Seconds are enough on screen; `--json` keeps the microseconds.
+pub fn time(timestamp: &Timestamp) -> String {
+    let text = timestamp.to_string();
+    match (text.find('.'), text.ends_with('Z')) {
+        (Some(dot), true) => format!("{}Z", &text[..dot]),
+        _ => text,
+    }
+}
+
+fn maybe_time(timestamp: Option<&Timestamp>) -> String {
+    timestamp.map_or_else(|| "-".to_owned(), time)
+}
+
+/// `1:150G, 2:250G`, or `-` for none.
+pub fn disks(disks: &[DiskView]) -> String {
+    if disks.is_empty() {
+        return "-".to_owned();
+    }
+    disks
+        .iter()
+        .map(|disk| format!("{}:{}G", disk.id, disk.disk_size))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value { "yes" } else { "no" }
+}
+
+pub fn vm_table(vm: &VmView) -> Table {
+    let mut table = table(
+        &[
+            "vm_id",
+            "ram (MiB)",
+            "cpu",
+            "disks",
+            "created_at",
+            "updated_at",
+        ],
+        &[1, 2],
+    );
+    table.add_row(vec![
+        vm.vm_id.clone(),
+        vm.ram.to_string(),
+        vm.cpu.to_string(),
+        disks(&vm.disks),
+        time(&vm.created_at),
+        time(&vm.updated_at),
+    ]);
+    table
+}
+
+fn active_table(sessions: Vec<ActiveSession>) -> String {
+    let mut table = table(
+        &["session", "peer", "vm_id", "authenticated", "connected_at"],
+        &[0],
+    );
+    for session in sessions {
+        table.add_row(vec![
+            session.session_id.to_string(),
+            session.peer,
+            session.vm_id.unwrap_or_else(|| "-".to_owned()),
+            yes_no(session.authenticated).to_owned(),
+            time(&session.connected_at),
+        ]);
+    }
+    with_count(&table)
+}
+
+fn authenticated_table(sessions: Vec<AuthenticatedSession>) -> String {
+    let mut table = table(
+        &[
+            "session",
+            "vm_id",
+            "peer",
+            "ram (MiB)",
+            "cpu",
+            "disks",
+            "authenticated_at",
+        ],
+        &[0, 3, 4],
+    );
+    for session in sessions {
+        table.add_row(vec![
+            session.session_id.to_string(),
+            session.vm.vm_id,
+            session.peer,
+            session.vm.ram.to_string(),
+            session.vm.cpu.to_string(),
+            disks(&session.vm.disks),
+            time(&session.authenticated_at),
+        ]);
+    }
+    with_count(&table)
+}
+
+fn all_table(vms: Vec<VmStatus>) -> String {
+    let mut table = table(
+        &[
+            "vm_id",
+            "ram (MiB)",
+            "cpu",
+            "disks",
+            "connected",
+            "authenticated",
+            "last_seen_at",
+        ],
+        &[1, 2],
+    );
+    for vm in vms {
+        table.add_row(vec![
+            vm.vm.vm_id,
+            vm.vm.ram.to_string(),
+            vm.vm.cpu.to_string(),
+            disks(&vm.vm.disks),
+            yes_no(vm.connected).to_owned(),
+            yes_no(vm.authenticated).to_owned(),
+            maybe_time(vm.last_seen_at.as_ref()),
+        ]);
+    }
+    with_count(&table)
+}
+
+fn disks_table(disks: Vec<DiskEntry>) -> String {
+    let mut table = table(&["id", "size (GiB)", "vm_id"], &[0, 1]);
+    for disk in disks {
+        table.add_row(vec![
+            disk.id.to_string(),
+            disk.disk_size.to_string(),
+            disk.vm_id,
+        ]);
+    }
+    with_count(&table)
+}
+
+pub fn help_table(commands: &[CommandHelp]) -> String {
+    let mut table = table(&["command", "summary"], &[]);
+    for command in commands {
+        table.add_row(vec![command.name.clone(), command.summary.clone()]);
+    }
+    table.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reply(data: Value) -> Reply {
+        let Value::Object(data) = data else {
+            panic!("data must be an object");
+        };
+        Reply::success("ok", data)
+    }
+
+    #[test]
+    fn a_vm_shows_its_disks_compactly() {
+        let r = reply(json!({"vm": {
+            "vm_id": "stalin", "ram": 512, "cpu": 4,
+            "disks": [{"id": 1, "disk_size": 150}, {"id": 2, "disk_size": 250}],
+            "created_at": "2024-05-01T12:00:00.123456Z",
+            "updated_at": "2024-05-01T12:30:00.000001Z"
+        }}));
+        let text = super::reply(&Op::Logout, &r).unwrap();
+        assert_eq!(text, "ok");
+        let text = super::reply(&Op::Update(Default::default()), &r).unwrap();
+        assert!(text.starts_with("ok\n"), "{text}");
+        assert!(text.contains("1:150G, 2:250G"), "{text}");
+        assert!(text.contains("2024-05-01T12:00:00Z"), "{text}");
+        assert!(text.contains("| stalin |"), "{text}");
+    }
+
+    #[test]
+    fn lists_end_with_a_row_count() {
+        let r = reply(json!({"all_disks": [
+            {"id": 1, "disk_size": 100, "vm_id": "a"},
+            {"id": 2, "disk_size": 200, "vm_id": "b"}
+        ]}));
+        let text = super::reply(&Op::List(ListType::AllDisks), &r).unwrap();
+        assert!(text.ends_with("\n(2 rows)"), "{text}");
+        let empty = reply(json!({"active_vms": []}));
+        let text = super::reply(&Op::List(ListType::ActiveVms), &empty).unwrap();
+        assert!(text.ends_with("\n(0 rows)"), "{text}");
+    }
+
+    #[test]
+    fn a_malformed_reply_is_an_error_not_a_panic() {
+        let r = reply(json!({"all_vms": [{"vm_id": 5}]}));
+        assert!(super::reply(&Op::List(ListType::AllVms), &r).is_err());
+        assert!(super::reply(&Op::Help, &reply(json!({}))).is_err());
+    }
+}

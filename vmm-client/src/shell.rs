@@ -1,0 +1,387 @@
+//! The interactive shell: one connection, one command per line, anything a
+//! command lacks asked for. See [`HELP`] for the commands.
+
+use std::io;
+use std::str::FromStr;
+
+use serde_json::Value;
+use vmm_core::client::{Registration, Update};
+use vmm_core::protocol::ListType;
+
+use crate::conn::{Conn, Failure, Op};
+use crate::input::{Input, Read};
+use crate::out;
+
+const HELP: &str = "\
+Shell commands (arguments left out are asked for; passwords are always asked
+for, without echo on a terminal, and read as the next line when piped):
+  ping                                  check that the server answers
+  register [VM_ID RAM CPU [GIB...]]     register a VM: RAM in MiB, disk sizes in GiB
+  authenticate [VM_ID]                  authenticate this connection as a VM
+  list_active                           list open connections
+  list_auth                             list authenticated connections
+  list_all                              list every registered VM
+  list_all_disks                        list every disk
+  update_ram [RAM]                      change the RAM (MiB)
+  update_ram_cpu_disks [RAM CPU [CHANGE...]]
+                                        change RAM, CPUs and disks; CHANGE is
+                                        ID=SIZE (resize disk ID) or +SIZE (new
+                                        disk); RAM or CPU `-` leaves it as is
+  logout                                end this connection's authentication
+  {...}                                 send a raw JSON request, print the reply
+  help                                  this help, then the server's commands
+  quit, exit, Ctrl-D                    leave";
+
+/// What to do after a command.
+enum Flow {
+    Continue,
+    Quit,
+}
+
+/// Why a command stopped early.
+enum Abort {
+    /// Ctrl-C (or Ctrl-D at a question on a terminal): drop the command.
+    Cancelled,
+    /// The piped input ended: leave the shell.
+    Eof,
+    /// Cannot read input at all: leave the shell.
+    Input(io::Error),
+    /// Print it and go on, unless the connection is gone.
+    Failed(Failure),
+}
+
+impl From<Failure> for Abort {
+    fn from(failure: Failure) -> Abort {
+        Abort::Failed(failure)
+    }
+}
+
+fn usage(message: impl Into<String>) -> Abort {
+    Abort::Failed(Failure::Usage(message.into()))
+}
+
+/// Runs the shell until `quit`, the end of the input, or a lost connection.
+pub async fn run(addr: &str, json: bool) -> Result<(), Failure> {
+    let conn = Conn::connect(addr, json).await?;
+    let input = Input::start();
+    if input.interactive() {
+        eprintln!("connected to {addr}; type `help` for the commands, `quit` to leave");
+    }
+    let mut shell = Shell {
+        conn,
+        input,
+        json,
+        vm: None,
+    };
+    let result = shell.repl().await;
+    shell.input.finish().await;
+    result
+}
+
+struct Shell {
+    conn: Conn,
+    input: Input,
+    json: bool,
+    /// The VM this connection is authenticated as, for the prompt.
+    vm: Option<String>,
+}
+
+impl Shell {
+    fn prompt(&self) -> String {
+        match &self.vm {
+            Some(vm) => format!("vmm {} ({vm})> ", self.conn.addr()),
+            None => format!("vmm {}> ", self.conn.addr()),
+        }
+    }
+
+    async fn repl(&mut self) -> Result<(), Failure> {
+        loop {
+            let line = match self.input.command(&self.prompt()).await {
+                Ok(Read::Line(line)) => line,
+                Ok(Read::Interrupted) => continue,
+                Ok(Read::Eof) => return Ok(()),
+                Err(err) => return Err(Failure::Usage(format!("cannot read input: {err}"))),
+            };
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match self.execute(line).await {
+                Ok(Flow::Continue) | Err(Abort::Cancelled) => {}
+                Ok(Flow::Quit) | Err(Abort::Eof) => return Ok(()),
+                Err(Abort::Input(err)) => {
+                    return Err(Failure::Usage(format!("cannot read input: {err}")));
+                }
+                Err(Abort::Failed(failure @ Failure::Connection(_))) => return Err(failure),
+                Err(Abort::Failed(failure)) => eprintln!("error: {failure}"),
+            }
+        }
+    }
+
+    async fn execute(&mut self, line: &str) -> Result<Flow, Abort> {
+        if line.starts_with('{') {
+            self.raw(line).await?;
+            return Ok(Flow::Continue);
+        }
+        let mut words = line.split_whitespace();
+        let name = words.next().unwrap_or_default();
+        let args: Vec<&str> = words.collect();
+        let no_args = |args: &[&str]| {
+            if args.is_empty() {
+                Ok(())
+            } else {
+                Err(usage(format!("`{name}` takes no arguments")))
+            }
+        };
+        match name {
+            "quit" | "exit" => return Ok(Flow::Quit),
+            "help" | "?" => {
+                no_args(&args)?;
+                if self.json {
+                    eprintln!("{HELP}");
+                } else {
+                    out::line(format_args!("{HELP}\n\nServer commands:"));
+                }
+                self.conn.run(&Op::Help).await?;
+            }
+            "ping" => {
+                no_args(&args)?;
+                self.conn.run(&Op::Ping).await?;
+            }
+            "register" => {
+                let op = self.registration(&args).await?;
+                self.conn.run(&op).await?;
+            }
+            "authenticate" => {
+                if args.len() > 1 {
+                    return Err(usage(
+                        "`authenticate` takes at most a VM id; the password is asked for",
+                    ));
+                }
+                let vm_id = self.arg_or_ask(args.first(), "vm_id: ").await?;
+                let password = self.password(&vm_id).await?;
+                let reply = self.conn.run(&Op::Authenticate { vm_id, password }).await?;
+                self.vm = authenticated_vm(&reply);
+            }
+            "list_active" | "list_auth" | "list_all" | "list_all_disks" => {
+                no_args(&args)?;
+                let kind = match name {
+                    "list_active" => ListType::ActiveVms,
+                    "list_auth" => ListType::AuthenticatedVms,
+                    "list_all" => ListType::AllVms,
+                    _ => ListType::AllDisks,
+                };
+                self.conn.run(&Op::List(kind)).await?;
+            }
+            "update_ram" => {
+                if args.len() > 1 {
+                    return Err(usage("`update_ram` takes one argument: RAM in MiB"));
+                }
+                let ram = self.arg_or_ask(args.first(), "ram (MiB): ").await?;
+                let update = Update {
+                    ram: Some(number("ram", &ram)?),
+                    ..Update::default()
+                };
+                self.conn.run(&Op::Update(update)).await?;
+            }
+            "update_ram_cpu_disks" => {
+                let op = self.update(&args).await?;
+                self.conn.run(&op).await?;
+            }
+            "logout" => {
+                no_args(&args)?;
+                self.conn.run(&Op::Logout).await?;
+                self.vm = None;
+            }
+            _ => {
+                return Err(usage(format!(
+                    "unknown command `{name}`; type `help` for the commands"
+                )));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Sends a raw line; keeps the prompt right when it authenticates or logs out.
+    async fn raw(&mut self, text: &str) -> Result<(), Abort> {
+        let replies = self.conn.raw(text).await?;
+        for reply in &replies {
+            if !reply.is_success() {
+                eprintln!("error: {}", Failure::from_reply(reply));
+            }
+        }
+        if let ([reply], Ok(request)) = (replies.as_slice(), serde_json::from_str::<Value>(text))
+            && reply.is_success()
+        {
+            match request.get("command").and_then(Value::as_str) {
+                Some("authenticate") => self.vm = authenticated_vm(reply),
+                Some("logout") => self.vm = None,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// `register [VM_ID RAM CPU [GIB...]]`: with all of VM_ID, RAM and CPU
+    /// given, the disks are what follows them (maybe none); otherwise
+    /// everything missing is asked for, then disks one per line up to an
+    /// empty line.
+    async fn registration(&self, args: &[&str]) -> Result<Op, Abort> {
+        let vm_id = self.arg_or_ask(args.first(), "vm_id: ").await?;
+        let ram = number("ram", &self.arg_or_ask(args.get(1), "ram (MiB): ").await?)?;
+        let cpu = number("cpu", &self.arg_or_ask(args.get(2), "cpu: ").await?)?;
+        let mut disks = Vec::new();
+        if args.len() >= 3 {
+            for size in &args[3..] {
+                disks.push(number("disk size", size)?);
+            }
+        } else {
+            loop {
+                let size = self.ask("disk size (GiB, empty line = no more): ").await?;
+                if size.is_empty() {
+                    break;
+                }
+                disks.push(number("disk size", &size)?);
+            }
+        }
+        let password = self.password(&vm_id).await?;
+        Ok(Op::Register(Registration {
+            vm_id,
+            ram,
+            cpu,
+            password,
+            disks,
+        }))
+    }
+
+    /// `update_ram_cpu_disks [RAM CPU [CHANGE...]]`: like `register`, the
+    /// changes are asked for one per line unless RAM and CPU were given.
+    async fn update(&self, args: &[&str]) -> Result<Op, Abort> {
+        let keep = |text: &str| text.is_empty() || text == "-";
+        let ram = self
+            .arg_or_ask(args.first(), "ram (MiB, empty = unchanged): ")
+            .await?;
+        let ram = if keep(&ram) {
+            None
+        } else {
+            Some(number("ram", &ram)?)
+        };
+        let cpu = self
+            .arg_or_ask(args.get(1), "cpu (empty = unchanged): ")
+            .await?;
+        let cpu = if keep(&cpu) {
+            None
+        } else {
+            Some(number("cpu", &cpu)?)
+        };
+        let mut update = Update {
+            ram,
+            cpu,
+            ..Update::default()
+        };
+        if args.len() >= 2 {
+            for change in &args[2..] {
+                disk_change(&mut update, change)?;
+            }
+        } else {
+            loop {
+                let change = self
+                    .ask("disk (ID=SIZE resizes, +SIZE adds; empty line = no more): ")
+                    .await?;
+                if change.is_empty() {
+                    break;
+                }
+                disk_change(&mut update, &change)?;
+            }
+        }
+        Ok(Op::Update(update))
+    }
+
+    async fn arg_or_ask(&self, arg: Option<&&str>, prompt: &str) -> Result<String, Abort> {
+        match arg {
+            Some(arg) => Ok((*arg).to_owned()),
+            None => self.ask(prompt).await,
+        }
+    }
+
+    /// The answer to a question, trimmed.
+    async fn ask(&self, prompt: &str) -> Result<String, Abort> {
+        let read = self.input.answer(prompt).await;
+        self.answered(read).map(|answer| answer.trim().to_owned())
+    }
+
+    /// A password, as typed (only the line ending is removed).
+    async fn password(&self, vm_id: &str) -> Result<String, Abort> {
+        let read = self
+            .input
+            .password(&format!("password for {vm_id}: "))
+            .await;
+        self.answered(read)
+    }
+
+    fn answered(&self, read: io::Result<Read>) -> Result<String, Abort> {
+        match read {
+            Ok(Read::Line(line)) => Ok(line),
+            Ok(Read::Interrupted) => Err(Abort::Cancelled),
+            Ok(Read::Eof) if self.input.interactive() => Err(Abort::Cancelled),
+            Ok(Read::Eof) => Err(Abort::Eof),
+            Err(err) => Err(Abort::Input(err)),
+        }
+    }
+}
+
+/// The VM a successful `authenticate` reply names.
+fn authenticated_vm(reply: &vmm_core::Reply) -> Option<String> {
+    reply
+        .data
+        .get("vm")
+        .and_then(|vm| vm.get("vm_id"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+fn number<T: FromStr>(what: &str, text: &str) -> Result<T, Abort> {
+    text.trim()
+        .parse()
+        .map_err(|_| usage(format!("{what} must be a whole number, not `{text}`")))
+}
+
+/// Adds `ID=SIZE` (resize) or `+SIZE` (new disk) to `update`.
+fn disk_change(update: &mut Update, change: &str) -> Result<(), Abort> {
+    if let Some(size) = change.strip_prefix('+') {
+        update.attach.push(number("disk size", size)?);
+        return Ok(());
+    }
+    let resize = crate::parse_resize(change).map_err(|_| {
+        usage(format!(
+            "`{change}` is neither ID=SIZE (resize disk ID) nor +SIZE (new disk)"
+        ))
+    })?;
+    update.resize.push((resize.id, resize.size));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_changes_parse() {
+        let mut update = Update::default();
+        for change in ["1=150", "2=250", "+50"] {
+            assert!(disk_change(&mut update, change).is_ok());
+        }
+        assert_eq!(update.resize, vec![(1, 150), (2, 250)]);
+        assert_eq!(update.attach, vec![50]);
+        assert!(disk_change(&mut update, "50").is_err());
+        assert!(disk_change(&mut update, "+x").is_err());
+        assert!(disk_change(&mut update, "1=").is_err());
+    }
+
+    #[test]
+    fn numbers_are_checked() {
+        assert_eq!(number::<u32>("ram", " 512 ").ok(), Some(512));
+        assert!(number::<u32>("ram", "-1").is_err());
+        assert!(number::<u32>("ram", "").is_err());
+    }
+}
