@@ -82,10 +82,10 @@ fn postgres_bindir() -> Option<PathBuf> {
             return Some(dir);
         }
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|dir| has_tools(dir)) {
-            return Some(dir);
-        }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|dir| has_tools(dir))
+    {
+        return Some(dir);
     }
     // Debian keeps the server binaries off PATH.
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")

@@ -105,20 +105,7 @@ impl Op {
     fn data(&self) -> Value {
         match self {
             Op::Ping | Op::Logout | Op::Help => json!({}),
-            Op::Register(registration) => {
-                let disks: Vec<Value> = registration
-                    .disks
-                    .iter()
-                    .map(|size| json!({"disk_size": size}))
-                    .collect();
-                json!({
-                    "vm_id": registration.vm_id,
-                    "ram": registration.ram,
-                    "cpu": registration.cpu,
-                    "password": registration.password,
-                    "disks": disks,
-                })
-            }
+            Op::Register(registration) => registration.to_data(),
             Op::Authenticate { vm_id, password } => {
                 json!({"vm_id": vm_id, "password": password})
             }

@@ -83,6 +83,24 @@ impl fmt::Debug for Registration {
     }
 }
 
+impl Registration {
+    /// The `data` object of the request.
+    pub fn to_data(&self) -> Value {
+        let disks: Vec<Value> = self
+            .disks
+            .iter()
+            .map(|size| json!({"disk_size": size}))
+            .collect();
+        json!({
+            "vm_id": self.vm_id,
+            "ram": self.ram,
+            "cpu": self.cpu,
+            "password": self.password,
+            "disks": disks,
+        })
+    }
+}
+
 /// What `update` changes; `None` and empty lists leave things as they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Update {
@@ -204,19 +222,7 @@ impl Client {
     }
 
     pub async fn register(&mut self, registration: &Registration) -> Result<VmView> {
-        let disks: Vec<Value> = registration
-            .disks
-            .iter()
-            .map(|size| json!({"disk_size": size}))
-            .collect();
-        let data = json!({
-            "vm_id": registration.vm_id,
-            "ram": registration.ram,
-            "cpu": registration.cpu,
-            "password": registration.password,
-            "disks": disks,
-        });
-        self.request("register", data, "vm").await
+        self.request("register", registration.to_data(), "vm").await
     }
 
     pub async fn authenticate(&mut self, vm_id: &str, password: &str) -> Result<VmView> {
