@@ -506,14 +506,15 @@ where
     }
 }
 
-/// The path of a workspace binary. `cargo test --workspace` builds them
-/// before running any test.
-pub fn binary(name: &str) -> PathBuf {
+/// The path of one of vmm-core's examples, which `cargo test --workspace`
+/// builds before running any test. (The binaries' own tests live in their
+/// crates, where cargo provides `CARGO_BIN_EXE_*`.)
+pub fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let path = exe
         .parent()
         .and_then(Path::parent)
-        .map(|dir| dir.join(name))
+        .map(|dir| dir.join("examples").join(name))
         .unwrap_or_default();
     if !path.is_file() {
         fail(format!(

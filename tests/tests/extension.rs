@@ -58,7 +58,7 @@ async fn a_command_registered_by_the_host_is_served_and_listed() {
 async fn the_example_host_serves_its_own_command() {
     vmm_tests::init_logging();
     let db = TestDb::create().await;
-    let host = vmm_tests::binary("examples/host");
+    let host = vmm_tests::example("host");
     let mut child = Process::new(host)
         .env("DATABASE_URL", &db.url)
         .env("VMM_LISTEN", "127.0.0.1:0")

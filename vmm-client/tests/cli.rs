@@ -20,7 +20,7 @@ async fn client(
     password: Option<&str>,
     stdin: Option<&str>,
 ) -> Run {
-    let mut command = Command::new(vmm_tests::binary("vmm-client"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vmm-client"));
     command
         .args(args)
         .env("VMM_ADDR", server_addr)

@@ -12,7 +12,7 @@ use vmm_tests::{RawConn, TestDb, eventually, ok, password_for};
 async fn sigterm_lets_the_request_in_flight_finish() {
     vmm_tests::init_logging();
     let db = TestDb::create().await;
-    let mut server = Command::new(vmm_tests::binary("vmm-server"))
+    let mut server = Command::new(env!("CARGO_BIN_EXE_vmm-server"))
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .env("DATABASE_URL", &db.url)
         .env("RUST_LOG", "info")
