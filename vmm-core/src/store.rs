@@ -110,6 +110,22 @@ fn record(row: &Row) -> VmRecord {
     }
 }
 
+/// An error with its chain of causes ("error connecting to server: Connection
+/// refused"), which is what an operator needs to fix it.
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 impl Store {
     /// Builds the pool. No connection is made until one is needed.
     pub fn new(database_url: &str, pool_size: usize) -> Result<Store, SetupError> {
@@ -147,9 +163,9 @@ impl Store {
             let error = match self.pool.get().await {
                 Ok(client) => match client.simple_query("SELECT 1").await {
                     Ok(_) => return Ok(()),
-                    Err(err) => err.to_string(),
+                    Err(err) => causes(&err),
                 },
-                Err(err) => err.to_string(),
+                Err(err) => causes(&err),
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -168,7 +184,7 @@ impl Store {
 
     /// Applies the embedded migrations that the database lacks.
     pub async fn migrate(&self) -> Result<(), SetupError> {
-        let failed = |err: &dyn std::fmt::Display| SetupError(format!("migration failed: {err}"));
+        let failed = |err: &dyn std::error::Error| SetupError(format!("migration failed: {}", causes(err)));
         let mut client = self.pool.get().await.map_err(|e| failed(&e))?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
