@@ -184,7 +184,8 @@ impl Store {
 
     /// Applies the embedded migrations that the database lacks.
     pub async fn migrate(&self) -> Result<(), SetupError> {
-        let failed = |err: &dyn std::error::Error| SetupError(format!("migration failed: {}", causes(err)));
+        let failed =
+            |err: &dyn std::error::Error| SetupError(format!("migration failed: {}", causes(err)));
         let mut client = self.pool.get().await.map_err(|e| failed(&e))?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
