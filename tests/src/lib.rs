@@ -525,6 +525,17 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// A registration with a valid password derived from the VM's name.
+pub fn registration(vm_id: &str, ram: u32, disks: Vec<u32>) -> vmm_core::client::Registration {
+    vmm_core::client::Registration {
+        vm_id: vm_id.into(),
+        ram,
+        cpu: 1,
+        password: password_for(vm_id),
+        disks,
+    }
+}
+
 /// A password that is valid for the protocol, unique per VM name.
 pub fn password_for(vm_id: &str) -> String {
     format!("pw-{vm_id}-secret")

@@ -2,18 +2,8 @@
 //! (No password in replies or logs: see `secrets.rs`.)
 
 use serde_json::json;
-use vmm_core::client::{Registration, Update};
-use vmm_tests::{TestServer, err, ok, password_for};
-
-fn registration(vm_id: &str, disks: Vec<u32>) -> Registration {
-    Registration {
-        vm_id: vm_id.into(),
-        ram: 512,
-        cpu: 1,
-        password: password_for(vm_id),
-        disks,
-    }
-}
+use vmm_core::client::Update;
+use vmm_tests::{TestServer, err, ok, password_for, registration};
 
 #[tokio::test]
 async fn no_command_touches_another_vms_disks() {
@@ -21,11 +11,11 @@ async fn no_command_touches_another_vms_disks() {
     let mut mallory = server.client().await;
     let mut victim = server.client().await;
     mallory
-        .register(&registration("mallory", vec![1]))
+        .register(&registration("mallory", 512, vec![1]))
         .await
         .unwrap();
     let theirs = victim
-        .register(&registration("victim", vec![10, 20]))
+        .register(&registration("victim", 512, vec![10, 20]))
         .await
         .unwrap();
     mallory
@@ -84,7 +74,7 @@ async fn updates_resize_in_place_attach_and_refuse_shrinking() {
     let server = TestServer::start().await;
     let mut vm = server.client().await;
     let created = vm
-        .register(&registration("grow", vec![100, 200]))
+        .register(&registration("grow", 512, vec![100, 200]))
         .await
         .unwrap();
     vm.authenticate("grow", &password_for("grow"))
@@ -178,7 +168,7 @@ async fn passwords_are_stored_as_argon2id_phc_strings() {
     let server = TestServer::start().await;
     let mut conn = server.client().await;
     for vm in ["p1", "p2"] {
-        conn.register(&registration(vm, vec![])).await.unwrap();
+        conn.register(&registration(vm, 512, vec![])).await.unwrap();
     }
     let db = server.db.connect().await;
     let rows = db

@@ -3,18 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_core::client::Registration;
-use vmm_tests::{TestServer, password_for};
-
-fn registration(vm_id: &str, disks: Vec<u32>) -> Registration {
-    Registration {
-        vm_id: vm_id.into(),
-        ram: 1024,
-        cpu: 2,
-        password: password_for(vm_id),
-        disks,
-    }
-}
+use vmm_tests::{TestServer, password_for, registration};
 
 #[tokio::test]
 async fn lists_follow_connections() {
@@ -23,12 +12,12 @@ async fn lists_follow_connections() {
     // Three connections in three states, plus an operator that looks.
     let mut registered_only = server.client().await;
     registered_only
-        .register(&registration("reg", vec![5]))
+        .register(&registration("reg", 1024, vec![5]))
         .await
         .unwrap();
     let mut authenticated = server.client().await;
     authenticated
-        .register(&registration("auth", vec![6, 7]))
+        .register(&registration("auth", 1024, vec![6, 7]))
         .await
         .unwrap();
     authenticated
@@ -39,7 +28,7 @@ async fn lists_follow_connections() {
     anonymous.ping().await.unwrap();
     let mut operator = server.client().await;
     operator
-        .register(&registration("op", vec![]))
+        .register(&registration("op", 1024, vec![]))
         .await
         .unwrap();
     operator
@@ -124,7 +113,9 @@ async fn lists_follow_connections() {
 async fn last_seen_at_is_recorded_on_disconnect() {
     let server = TestServer::start().await;
     let mut vm = server.client().await;
-    vm.register(&registration("seen", vec![])).await.unwrap();
+    vm.register(&registration("seen", 1024, vec![]))
+        .await
+        .unwrap();
     vm.authenticate("seen", &password_for("seen"))
         .await
         .unwrap();
@@ -150,8 +141,12 @@ async fn last_seen_at_is_recorded_on_disconnect() {
 async fn authenticate_switches_and_register_binds() {
     let server = TestServer::start().await;
     let mut conn = server.client().await;
-    conn.register(&registration("one", vec![])).await.unwrap();
-    conn.register(&registration("two", vec![])).await.unwrap();
+    conn.register(&registration("one", 1024, vec![]))
+        .await
+        .unwrap();
+    conn.register(&registration("two", 1024, vec![]))
+        .await
+        .unwrap();
     let active = conn.list_active().await;
     assert!(active.is_err(), "register does not authenticate");
     conn.authenticate("one", &password_for("one"))

@@ -118,53 +118,26 @@ async fn one_shot_subcommands_and_exit_codes() {
     let first = disks[0]["id"].as_i64().unwrap();
 
     let resize = format!("{first}=150");
-    let run = client(
-        addr,
-        &[
-            "--json",
-            "update",
-            "--vm-id",
-            "stalin",
-            "--ram",
-            "2048",
-            "--cpu",
-            "8",
-            "--disk",
-            &resize,
-            "--new-disk",
-            "50",
-        ],
-        None,
-        Some(&format!("{PASSWORD}\n")),
-    )
-    .await;
-    assert_eq!(
-        run.code, 2,
-        "stdin is not a password source without --password-stdin: {}",
-        run.stderr
-    );
+    let update = [
+        "--json",
+        "update",
+        "--vm-id",
+        "stalin",
+        "--ram",
+        "2048",
+        "--cpu",
+        "8",
+        "--disk",
+        &resize,
+        "--new-disk",
+        "50",
+    ];
+    // Stdin is a password source only with --password-stdin.
+    let run = client(addr, &update, None, Some(&format!("{PASSWORD}\n"))).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
 
-    let run = client(
-        addr,
-        &[
-            "--json",
-            "update",
-            "--vm-id",
-            "stalin",
-            "--password-stdin",
-            "--ram",
-            "2048",
-            "--cpu",
-            "8",
-            "--disk",
-            &resize,
-            "--new-disk",
-            "50",
-        ],
-        None,
-        Some(&format!("{PASSWORD}\n")),
-    )
-    .await;
+    let with_stdin = [&update[..], &["--password-stdin"]].concat();
+    let run = client(addr, &with_stdin, None, Some(&format!("{PASSWORD}\n"))).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let reply: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
     let vm = &reply["data"]["vm"];
