@@ -24,6 +24,11 @@ pub struct Config {
     pub hash_concurrency: usize,
     /// How long start-up waits for the database.
     pub database_wait: Duration,
+    /// A connection that sends nothing for this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// TCP keepalive probes on accepted sockets start after this much silence,
+    /// so that peers that vanished without a FIN are noticed (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://vmm:vmm@127.0.0.1:5432/vmm";
@@ -40,6 +45,8 @@ impl Default for Config {
                 .map(usize::from)
                 .unwrap_or(1),
             database_wait: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(60)),
+            tcp_keepalive: Some(Duration::from_secs(30)),
         }
     }
 }

@@ -52,7 +52,7 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
+                configure(&stream, context.config.tcp_keepalive);
                 let max_request = context.config.max_request_bytes;
                 match Arc::clone(&limit).try_acquire_owned() {
                     Ok(permit) => {
@@ -101,6 +101,27 @@ pub async fn serve(
     Ok(())
 }
 
+fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let params = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        if let Err(err) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+            tracing::debug!(error = %err, "cannot enable TCP keepalive");
+        }
+    }
+}
+
+/// Waits up to `limit` (forever when `None`).
+async fn within<T>(limit: Option<Duration>, work: impl Future<Output = T>) -> Option<T> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
 async fn refuse(stream: TcpStream, max_request: usize) {
     let reply = Reply::error(
         ErrorCode::ServerBusy,
@@ -132,11 +153,15 @@ async fn run(
                 tokio::select! {
                     biased;
                     _ = stop.recv() => break,
-                    read = conn.read_frame() => match read {
-                        Ok(Some(frame)) => frame,
-                        Ok(None) => break,
-                        Err(err) => {
+                    read = within(context.config.idle_timeout, conn.read_frame()) => match read {
+                        Some(Ok(Some(frame))) => frame,
+                        Some(Ok(None)) => break,
+                        Some(Err(err)) => {
                             tracing::debug!(error = %err, "read failed");
+                            break;
+                        }
+                        None => {
+                            tracing::info!("idle for too long, closing");
                             break;
                         }
                     },

@@ -38,6 +38,10 @@ struct Args {
     #[arg(long, env = "VMM_MAX_REQUEST_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(64..))]
     max_request_bytes: u32,
 
+    /// Close a connection that sends nothing for this many seconds (0: never).
+    #[arg(long, env = "VMM_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout: u64,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -59,6 +63,7 @@ async fn main() -> ExitCode {
         max_connections: args.max_connections as usize,
         max_request_bytes: args.max_request_bytes as usize,
         shutdown_grace: Duration::from_secs(5),
+        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         ..vmm_core::Config::default()
     };
     match run(args.listen, config).await {
