@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use vmm_core::client::{ClientError, Registration, Update};
 use vmm_core::connection::FrameDecoder;
 use vmm_core::protocol::ListType;
@@ -16,6 +17,10 @@ use crate::{out, render};
 
 /// How long connecting may take before it counts as "cannot connect".
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a keepalive ping may wait for its reply before the connection
+/// counts as lost.
+const KEEPALIVE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a command did not succeed. Each kind has its own exit code.
 #[derive(Debug)]
@@ -159,6 +164,8 @@ pub struct Conn {
     client: Client,
     addr: String,
     json: bool,
+    /// When a request was last sent: the start of the current idle time.
+    last_sent: Instant,
 }
 
 impl Conn {
@@ -173,11 +180,39 @@ impl Conn {
             client,
             addr: addr.to_owned(),
             json,
+            last_sent: Instant::now(),
         })
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// When the connection will have been idle (sent nothing) for `idle`.
+    pub fn idle_until(&self, idle: Duration) -> Instant {
+        self.last_sent + idle
+    }
+
+    /// Sends a `ping` to keep an idle connection open and reads its reply,
+    /// printing nothing. Only a lost connection (or a reply that is not a
+    /// reply, or none within [`KEEPALIVE_REPLY_TIMEOUT`]) is a failure; a
+    /// ping cannot meaningfully fail otherwise.
+    pub async fn keepalive(&mut self) -> Result<(), Failure> {
+        self.last_sent = Instant::now();
+        let request = Op::Ping.to_text();
+        let ping = self.client.send_raw(&request);
+        let line = match tokio::time::timeout(KEEPALIVE_REPLY_TIMEOUT, ping).await {
+            Ok(Ok(line)) => line,
+            Ok(Err(err)) => return Err(self.lost(err)),
+            Err(_) => {
+                return Err(Failure::Connection(format!(
+                    "connection to {} lost: no reply to a keepalive ping within {}s",
+                    self.addr,
+                    KEEPALIVE_REPLY_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        self.parse(&line).map(drop)
     }
 
     fn lost(&self, err: ClientError) -> Failure {
@@ -218,6 +253,7 @@ impl Conn {
     }
 
     async fn exchange(&mut self, op: &Op, show: bool) -> Result<Reply, Failure> {
+        self.last_sent = Instant::now();
         let line = match self.client.send_raw(&op.to_text()).await {
             Ok(line) => line,
             Err(err) => return Err(self.lost(err)),
@@ -242,6 +278,7 @@ impl Conn {
     /// Returns the decoded replies, in order.
     pub async fn raw(&mut self, text: &str) -> Result<Vec<Reply>, Failure> {
         let expected = replies_expected(text)?;
+        self.last_sent = Instant::now();
         let mut replies = Vec::with_capacity(expected);
         for i in 0..expected {
             let line = if i == 0 {

@@ -19,6 +19,7 @@ mod render;
 mod shell;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use vmm_core::client::{Registration, Update};
@@ -41,6 +42,8 @@ Without a subcommand, opens an interactive shell over one connection (type
 the answers to its questions (passwords included), one per line from stdin,
 prints no prompts, and exits 0 at the end of the input even if some commands
 got error replies (like redis-cli); only a lost connection (3) changes that.
+The shell pings the server whenever its connection has been idle for
+--keepalive seconds, so that the server's idle timeout does not close it.
 
 Examples:
   vmm-client ping
@@ -49,7 +52,7 @@ Examples:
   vmm-client update --vm-id stalin --ram 2048 --cpu 8 --disk 1=150 --new-disk 50
   echo securePass123 | vmm-client --json logout --vm-id stalin --password-stdin
   vmm-client send '{\"command\": \"ping\", \"id\": 1}'
-  vmm-client --addr 10.0.0.5:8888
+  vmm-client --addr 10.0.0.5:8888 --keepalive 10
   printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client";
 
 const EXIT_CODES: &str = "\
@@ -83,6 +86,19 @@ struct Cli {
     /// Print the server's reply lines verbatim, one per line, instead of tables.
     #[arg(long, global = true)]
     json: bool,
+
+    /// Shell only: ping the server after SECS (fractions allowed) without
+    /// sending anything, so that its idle timeout keeps the connection open;
+    /// 0 never pings.
+    #[arg(
+        long,
+        env = "VMM_KEEPALIVE",
+        value_name = "SECS",
+        default_value = "20",
+        value_parser = parse_secs,
+        global = true
+    )]
+    keepalive: Duration,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -226,11 +242,26 @@ pub fn parse_resize(text: &str) -> Result<Resize, String> {
     Ok(Resize { id, size })
 }
 
+/// Parses a number of seconds, fractions allowed (`0.3`, `15`).
+pub fn parse_secs(text: &str) -> Result<Duration, String> {
+    let wrong = |why: &str| format!("`{text}` is not a number of seconds: {why}");
+    let secs: f64 = text.trim().parse().map_err(|_| wrong("not a number"))?;
+    if secs.is_sign_negative() {
+        return Err(wrong("negative"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| wrong("out of range"))
+}
+
+/// `Some(duration)`, or `None` for zero (off).
+fn unless_zero(duration: Duration) -> Option<Duration> {
+    (!duration.is_zero()).then_some(duration)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => shell::run(&cli.addr, cli.json).await,
+        None => shell::run(&cli.addr, cli.json, unless_zero(cli.keepalive)).await,
         Some(command) => one_shot(&cli.addr, cli.json, command).await,
     };
     match result {
@@ -323,6 +354,17 @@ mod tests {
     #[test]
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_may_be_fractional() {
+        assert_eq!(parse_secs("0.3"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_secs("20"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_secs("0"), Ok(Duration::ZERO));
+        for wrong in ["-1", "abc", "", "NaN", "inf", "1e30"] {
+            assert!(parse_secs(wrong).is_err(), "{wrong}");
+        }
+        assert_eq!(unless_zero(Duration::ZERO), None);
     }
 
     #[test]

@@ -1,8 +1,19 @@
 //! The interactive shell: one connection, one command per line, anything a
 //! command lacks asked for. See [`HELP`] for the commands.
+//!
+//! Keepalive: the server closes connections that send nothing for its idle
+//! timeout, and a person may well sit at the prompt (or at a question of a
+//! command) for longer. So whenever the shell waits for input it also keeps a
+//! timer, and when the connection has sent nothing for `--keepalive` it sends
+//! a `ping` and reads the reply silently. The input thread keeps reading
+//! meanwhile, so neither the prompt nor a half-typed line is disturbed; a
+//! ping that finds the connection lost ends the shell like any lost
+//! connection (exit 3).
 
+use std::future::Future;
 use std::io;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde_json::Value;
 use vmm_core::client::{Registration, Update};
@@ -61,7 +72,8 @@ fn usage(message: impl Into<String>) -> Abort {
 }
 
 /// Runs the shell until `quit`, the end of the input, or a lost connection.
-pub async fn run(addr: &str, json: bool) -> Result<(), Failure> {
+/// `keepalive`: ping after this long without sending anything (`None`: never).
+pub async fn run(addr: &str, json: bool, keepalive: Option<Duration>) -> Result<(), Failure> {
     let conn = Conn::connect(addr, json).await?;
     let input = Input::start();
     if input.interactive() {
@@ -71,6 +83,7 @@ pub async fn run(addr: &str, json: bool) -> Result<(), Failure> {
         conn,
         input,
         json,
+        keepalive,
         vm: None,
     };
     let result = shell.repl().await;
@@ -82,6 +95,7 @@ struct Shell {
     conn: Conn,
     input: Input,
     json: bool,
+    keepalive: Option<Duration>,
     /// The VM this connection is authenticated as, for the prompt.
     vm: Option<String>,
 }
@@ -96,7 +110,9 @@ impl Shell {
 
     async fn repl(&mut self) -> Result<(), Failure> {
         loop {
-            let line = match self.input.command(&self.prompt()).await {
+            let prompt = self.prompt();
+            let read = waiting(&mut self.conn, self.keepalive, self.input.command(&prompt)).await?;
+            let line = match read {
                 Ok(Read::Line(line)) => line,
                 Ok(Read::Interrupted) => continue,
                 Ok(Read::Eof) => return Ok(()),
@@ -226,7 +242,7 @@ impl Shell {
     /// given, the disks are what follows them (maybe none); otherwise
     /// everything missing is asked for, then disks one per line up to an
     /// empty line.
-    async fn registration(&self, args: &[&str]) -> Result<Op, Abort> {
+    async fn registration(&mut self, args: &[&str]) -> Result<Op, Abort> {
         let vm_id = self.arg_or_ask(args.first(), "vm_id: ").await?;
         let ram = number("ram", &self.arg_or_ask(args.get(1), "ram (MiB): ").await?)?;
         let cpu = number("cpu", &self.arg_or_ask(args.get(2), "cpu: ").await?)?;
@@ -256,7 +272,7 @@ impl Shell {
 
     /// `update_ram_cpu_disks [RAM CPU [CHANGE...]]`: like `register`, the
     /// changes are asked for one per line unless RAM and CPU were given.
-    async fn update(&self, args: &[&str]) -> Result<Op, Abort> {
+    async fn update(&mut self, args: &[&str]) -> Result<Op, Abort> {
         let keep = |text: &str| text.is_empty() || text == "-";
         let ram = self
             .arg_or_ask(args.first(), "ram (MiB, empty = unchanged): ")
@@ -297,7 +313,7 @@ impl Shell {
         Ok(Op::Update(update))
     }
 
-    async fn arg_or_ask(&self, arg: Option<&&str>, prompt: &str) -> Result<String, Abort> {
+    async fn arg_or_ask(&mut self, arg: Option<&&str>, prompt: &str) -> Result<String, Abort> {
         match arg {
             Some(arg) => Ok((*arg).to_owned()),
             None => self.ask(prompt).await,
@@ -305,17 +321,15 @@ impl Shell {
     }
 
     /// The answer to a question, trimmed.
-    async fn ask(&self, prompt: &str) -> Result<String, Abort> {
-        let read = self.input.answer(prompt).await;
+    async fn ask(&mut self, prompt: &str) -> Result<String, Abort> {
+        let read = waiting(&mut self.conn, self.keepalive, self.input.answer(prompt)).await?;
         self.answered(read).map(|answer| answer.trim().to_owned())
     }
 
     /// A password, as typed (only the line ending is removed).
-    async fn password(&self, vm_id: &str) -> Result<String, Abort> {
-        let read = self
-            .input
-            .password(&format!("password for {vm_id}: "))
-            .await;
+    async fn password(&mut self, vm_id: &str) -> Result<String, Abort> {
+        let prompt = format!("password for {vm_id}: ");
+        let read = waiting(&mut self.conn, self.keepalive, self.input.password(&prompt)).await?;
         self.answered(read)
     }
 
@@ -326,6 +340,27 @@ impl Shell {
             Ok(Read::Eof) if self.input.interactive() => Err(Abort::Cancelled),
             Ok(Read::Eof) => Err(Abort::Eof),
             Err(err) => Err(Abort::Input(err)),
+        }
+    }
+}
+
+/// Waits for `read` (an answer from the input thread), meanwhile sending a
+/// keepalive ping over `conn` each time it has been idle for `keepalive`.
+/// `read` is polled across the pings, never dropped, so no input is lost.
+async fn waiting<T>(
+    conn: &mut Conn,
+    keepalive: Option<Duration>,
+    read: impl Future<Output = T>,
+) -> Result<T, Failure> {
+    let Some(idle) = keepalive else {
+        return Ok(read.await);
+    };
+    let mut read = std::pin::pin!(read);
+    loop {
+        tokio::select! {
+            biased;
+            value = &mut read => return Ok(value),
+            () = tokio::time::sleep_until(conn.idle_until(idle)) => conn.keepalive().await?,
         }
     }
 }
