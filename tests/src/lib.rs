@@ -248,6 +248,8 @@ async fn admin() -> tokio_postgres::Client {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// Dropped with this value; false for a second handle on the same one.
+    owned: bool,
 }
 
 impl TestDb {
@@ -270,6 +272,16 @@ impl TestDb {
         TestDb {
             url: with_database(server_url(), &name),
             name,
+            owned: true,
+        }
+    }
+
+    /// Another handle on the same database, which does not drop it.
+    pub fn share(&self) -> TestDb {
+        TestDb {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            owned: false,
         }
     }
 
@@ -285,6 +297,9 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot block on itself.
         let dropped = std::thread::spawn(move || {
@@ -322,6 +337,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub context: Arc<Context>,
     pub db: TestDb,
+    config: Config,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), vmm_core::SetupError>>>,
 }
@@ -333,7 +349,16 @@ impl TestServer {
 
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
         init_logging();
-        let db = TestDb::create().await;
+        TestServer::start_on(TestDb::create().await, configure).await
+    }
+
+    /// Another instance on this server's database, as a second process
+    /// behind a load balancer would be.
+    pub async fn start_beside(&self, configure: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_on(self.db.share(), configure).await
+    }
+
+    async fn start_on(db: TestDb, configure: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             database_url: db.url.clone(),
             db_pool_size: 8,
@@ -341,23 +366,21 @@ impl TestServer {
             ..Config::default()
         };
         configure(&mut config);
-        let context = Context::connect(config)
-            .await
-            .unwrap_or_else(|err| fail(format!("cannot start the server: {err}")));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|err| fail(format!("cannot bind: {err}")));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|err| fail(err.to_string()));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(vmm_core::serve(listener, Arc::clone(&context), async {
-            let _ = stopped.await;
-        }));
+        if config.instance_name.is_empty() {
+            config.instance_name = addr.to_string();
+        }
+        let (context, stop, task) = serve(listener, config.clone()).await;
         TestServer {
             addr,
             context,
             db,
+            config,
             stop: Some(stop),
             task: Some(task),
         }
@@ -373,8 +396,21 @@ impl TestServer {
         RawConn::connect(self.addr).await
     }
 
+    /// Stops the server the way a SIGKILL would: its tasks are aborted and
+    /// nothing is cleaned up, in memory or in the database.
+    pub fn crash(&mut self) {
+        self.stop.take();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
     /// Shuts the server down gracefully and waits for it.
     pub async fn shutdown(mut self) {
+        self.stop_serving().await;
+    }
+
+    async fn stop_serving(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -386,6 +422,38 @@ impl TestServer {
             );
         }
     }
+
+    /// Stops the server gracefully, then runs `between` while nothing
+    /// listens, then starts a new server (a new context, as a new process
+    /// would have) on the same address and database.
+    pub async fn restart<F: Future<Output = ()>>(&mut self, between: F) {
+        self.stop_serving().await;
+        between.await;
+        let listener = eventually("the port to be free again", || async {
+            tokio::net::TcpListener::bind(self.addr).await.ok()
+        })
+        .await;
+        let (context, stop, task) = serve(listener, self.config.clone()).await;
+        self.context = context;
+        self.stop = Some(stop);
+        self.task = Some(task);
+    }
+}
+
+type ServeTask = JoinHandle<Result<(), vmm_core::SetupError>>;
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    config: Config,
+) -> (Arc<Context>, oneshot::Sender<()>, ServeTask) {
+    let context = Context::connect(config)
+        .await
+        .unwrap_or_else(|err| fail(format!("cannot start the server: {err}")));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(vmm_core::serve(listener, Arc::clone(&context), async {
+        let _ = stopped.await;
+    }));
+    (context, stop, task)
 }
 
 impl Drop for TestServer {

@@ -26,6 +26,15 @@ pub struct Config {
     pub database_wait: Duration,
     /// A connection that sends nothing for this long is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// This instance's name in the shared `instances` table: unique per
+    /// deployment slot and stable across restarts (vmm-server uses
+    /// `hostname:port`), so that a restart removes its earlier life's rows.
+    /// Empty: no such clean-up (the old rows expire with their lease).
+    pub instance_name: String,
+    /// How long this instance counts as alive after its last renewal.
+    pub instance_lease: Duration,
+    /// How often the lease is renewed.
+    pub presence_interval: Duration,
     /// TCP keepalive probes on accepted sockets start after this much silence,
     /// so that peers that vanished without a FIN are noticed (`None`: off).
     pub tcp_keepalive: Option<Duration>,
@@ -46,6 +55,9 @@ impl Default for Config {
                 .unwrap_or(1),
             database_wait: Duration::from_secs(30),
             idle_timeout: Some(Duration::from_secs(60)),
+            instance_name: String::new(),
+            instance_lease: Duration::from_secs(10),
+            presence_interval: Duration::from_secs(2),
             tcp_keepalive: Some(Duration::from_secs(30)),
         }
     }
@@ -65,14 +77,15 @@ impl Context {
         let store = Store::new(&config.database_url, config.db_pool_size)?;
         Ok(Arc::new(Context {
             passwords: Passwords::new(config.hash_concurrency),
-            sessions: Arc::new(Sessions::new()),
+            sessions: Arc::new(Sessions::new(store.clone())),
             store,
             config,
         }))
     }
 
-    /// Builds a context, waits for the database (up to `config.database_wait`)
-    /// and applies the migrations: what a server does before it listens.
+    /// Builds a context, waits for the database (up to `config.database_wait`),
+    /// applies the migrations and joins the instances sharing the database:
+    /// what a server does before it listens.
     pub async fn connect(config: Config) -> Result<Arc<Context>, SetupError> {
         let context = Context::new(config)?;
         context
@@ -80,6 +93,9 @@ impl Context {
             .wait_until_ready(context.config.database_wait)
             .await?;
         context.store.migrate().await?;
+        crate::presence::join(&context)
+            .await
+            .map_err(|err| SetupError(format!("cannot register this instance: {err}")))?;
         Ok(context)
     }
 }

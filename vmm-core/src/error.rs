@@ -81,14 +81,11 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
+/// Not getting a connection at all (refused, timed out, or rejected while
+/// logging in) means the database is unavailable to us.
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(err: deadpool_postgres::PoolError) -> Error {
-        match err {
-            deadpool_postgres::PoolError::Backend(err) => err.into(),
-            other => {
-                tracing::warn!(error = %other, "no database connection available");
-                Error::unavailable()
-            }
-        }
+        tracing::warn!(error = %err, "no database connection available");
+        Error::unavailable()
     }
 }

@@ -17,7 +17,10 @@
 //! - `commands`: the built-in commands, one module each, registering
 //!   themselves. Their doc comments show their wire format.
 //! - [`params`]: strict decoding and validation of a command's `data`.
-//! - [`session`]: the live sessions, and the calling connection's own.
+//! - [`session`]: the live sessions of every instance, and the calling
+//!   connection's own.
+//! - [`presence`]: this instance's lease in the shared database, which is
+//!   how instances see each other's sessions and notice each other's death.
 //! - [`store`]: the only module that talks to PostgreSQL, and the migrations.
 //! - [`password`]: argon2id hashing off the async threads, bounded.
 //! - [`context`]: what handlers share: [`Config`], store, sessions, hasher.
@@ -60,6 +63,7 @@ pub mod context;
 pub mod error;
 pub mod params;
 pub mod password;
+pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod server;

@@ -36,6 +36,7 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(context.config.max_connections));
     let (stop, _) = broadcast::channel::<()>(1);
     let mut tasks = JoinSet::new();
+    let presence = crate::presence::maintain(Arc::clone(&context));
     tokio::pin!(shutdown);
 
     loop {
@@ -98,6 +99,8 @@ pub async fn serve(
         );
         tasks.shutdown().await;
     }
+    drop(presence);
+    crate::presence::leave(&context).await;
     Ok(())
 }
 
@@ -237,11 +240,6 @@ async fn execute(
 
 /// Leaves the live lists at once, then records when the VM was last seen.
 async fn finish(context: &Context, session: Session) {
-    let vm_id = session.vm_id().map(str::to_owned);
-    drop(session);
     tracing::debug!("disconnected");
-    let Some(vm_id) = vm_id else { return };
-    if let Err(err) = context.store.touch(&[&vm_id]).await {
-        tracing::warn!(error = %err, "could not record last_seen_at");
-    }
+    context.sessions.close(session).await;
 }

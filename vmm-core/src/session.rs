@@ -1,70 +1,164 @@
-//! Live sessions: what each open connection is bound to and authenticated as.
+//! Live sessions: what each open connection is bound to and authenticated as,
+//! on this instance and on every other instance sharing the database.
 //!
-//! This module is the only place that knows where session state lives (today
-//! in this process's memory). A [`Session`] is owned by its connection task and
-//! mirrors every change into the shared [`Sessions`] table; dropping it removes
-//! the entry at once, so a closed connection can never linger in the lists
-//! (the old server raced here and failed `active_vms` under churn).
+//! This module is the only place that knows where session state lives. Each
+//! instance keeps its own sessions in memory (the truth for this instance,
+//! available even while the database is not) and mirrors them into the
+//! `sessions` table, from which other instances read them. A [`Session`] is
+//! owned by its connection task; dropping it removes it from memory at once,
+//! and [`Sessions::close`] removes its row.
+//!
+//! Writes that must be visible to other instances before the client hears
+//! back (register, authenticate, logout) are made before the reply. A
+//! connection's opening is written in the background, so that `ping` never
+//! waits for the database. A write that fails marks the instance "dirty", and
+//! the presence loop ([`crate::presence`]) writes the whole set again once the
+//! database answers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::task::JoinHandle;
+
+use crate::error::Result;
 use crate::protocol::Timestamp;
+use crate::store::Store;
 
 /// A snapshot of one session, as the lists show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
+    /// Unique across instances: the instance id in the high 32 bits.
     pub id: u64,
-    pub peer: SocketAddr,
+    pub instance_id: i64,
+    pub peer: String,
     pub connected_at: Timestamp,
     /// The VM this connection registered or last authenticated as.
     pub vm_id: Option<String>,
     /// When the session authenticated, while it is authenticated (as `vm_id`).
     pub authenticated_at: Option<Timestamp>,
+    /// Bumped by every change, so that a late write never undoes a newer one.
+    pub version: i64,
 }
 
 impl SessionInfo {
     pub fn is_authenticated(&self) -> bool {
         self.authenticated_at.is_some()
     }
+
+    pub(crate) fn db_id(&self) -> i64 {
+        i64::try_from(self.id).unwrap_or(i64::MAX)
+    }
 }
 
-/// The table of live sessions, shared by all connections of a server.
-#[derive(Debug, Default)]
+/// The sessions of this instance, and the way to everyone's.
+#[derive(Debug)]
 pub struct Sessions {
+    store: Store,
+    /// This instance's id in `instances`; 0 until it has joined.
+    instance_id: AtomicI64,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, SessionInfo>>,
+    /// Set when a write was lost: the presence loop writes everything again.
+    dirty: AtomicBool,
 }
 
 impl Sessions {
-    pub fn new() -> Sessions {
-        Sessions::default()
-    }
-
-    /// Opens a session for a new connection.
-    pub fn open(self: &Arc<Self>, peer: SocketAddr) -> Session {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let info = SessionInfo {
-            id,
-            peer,
-            connected_at: Timestamp::now(),
-            vm_id: None,
-            authenticated_at: None,
-        };
-        self.lock().insert(id, info.clone());
-        Session {
-            info,
-            sessions: Arc::clone(self),
+    pub fn new(store: Store) -> Sessions {
+        Sessions {
+            store,
+            instance_id: AtomicI64::new(0),
+            next_id: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+            dirty: AtomicBool::new(false),
         }
     }
 
-    /// Every live session, ordered by id (that is, by connection time).
-    pub fn snapshot(&self) -> Vec<SessionInfo> {
+    pub fn instance_id(&self) -> i64 {
+        self.instance_id.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_instance_id(&self, id: i64) {
+        self.instance_id.store(id, Ordering::Release);
+    }
+
+    pub(crate) fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
+    }
+
+    /// Opens a session for a new connection. Its row is written in the
+    /// background.
+    pub fn open(self: &Arc<Self>, peer: SocketAddr) -> Session {
+        let instance_id = self.instance_id();
+        let counter = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = (u64::try_from(instance_id).unwrap_or_default() << 32) | (counter & 0xffff_ffff);
+        let info = SessionInfo {
+            id,
+            instance_id,
+            peer: peer.to_string(),
+            connected_at: Timestamp::now(),
+            vm_id: None,
+            authenticated_at: None,
+            version: 0,
+        };
+        self.lock().insert(id, info.clone());
+        let opening = (instance_id != 0).then(|| {
+            let sessions = Arc::clone(self);
+            let info = info.clone();
+            tokio::spawn(async move {
+                if sessions.store.put_session(&info).await.is_err() {
+                    sessions.mark_dirty();
+                }
+            })
+        });
+        Session {
+            info,
+            sessions: Arc::clone(self),
+            opening,
+            closed: false,
+        }
+    }
+
+    /// This instance's live sessions, ordered by id.
+    pub fn local(&self) -> Vec<SessionInfo> {
         let mut all: Vec<SessionInfo> = self.lock().values().cloned().collect();
         all.sort_by_key(|session| session.id);
         all
+    }
+
+    /// Every live session on every instance whose lease is alive: this
+    /// instance's from memory, the others' from the database (one query).
+    pub async fn everywhere(&self) -> Result<Vec<SessionInfo>> {
+        let mut all = self.store.remote_sessions(self.instance_id()).await?;
+        all.extend(self.local());
+        all.sort_by(|a, b| a.connected_at.cmp(&b.connected_at).then(a.id.cmp(&b.id)));
+        Ok(all)
+    }
+
+    /// Removes a session's row after its connection closed, and records its VM
+    /// as seen now. It has already left this instance's memory.
+    pub async fn close(&self, mut session: Session) {
+        session.closed = true;
+        self.lock().remove(&session.info.id);
+        if let Some(opening) = session.opening.take() {
+            // The row must exist before it can be deleted, or it would outlive
+            // the connection.
+            let _ = opening.await;
+        }
+        let info = session.info.clone();
+        drop(session);
+        if info.instance_id == 0 {
+            return;
+        }
+        if let Err(err) = self.store.close_session(&info).await {
+            tracing::warn!(error = %err, "could not record the end of a session");
+            self.mark_dirty();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -89,6 +183,8 @@ impl Sessions {
 pub struct Session {
     info: SessionInfo,
     sessions: Arc<Sessions>,
+    opening: Option<JoinHandle<()>>,
+    closed: bool,
 }
 
 impl Session {
@@ -96,8 +192,8 @@ impl Session {
         self.info.id
     }
 
-    pub fn peer(&self) -> SocketAddr {
-        self.info.peer
+    pub fn peer(&self) -> &str {
+        &self.info.peer
     }
 
     pub fn info(&self) -> &SessionInfo {
@@ -116,61 +212,66 @@ impl Session {
 
     /// Binds an unauthenticated connection to a VM (after `register`). An
     /// authenticated session stays bound to the VM it is authenticated as.
-    pub fn bind(&mut self, vm_id: &str) {
+    /// Binding only decorates `active_vms`, so a failed write is left to the
+    /// presence loop rather than failing the registration that succeeded.
+    pub async fn bind(&mut self, vm_id: &str) {
         if self.info.authenticated_at.is_none() {
             self.info.vm_id = Some(vm_id.to_owned());
-            self.publish();
+            if self.publish().await.is_err() {
+                self.sessions.mark_dirty();
+            }
         }
     }
 
-    pub fn authenticate(&mut self, vm_id: &str) {
+    /// Authenticates the session as `vm_id`. Other instances see it before
+    /// this returns; if that write fails, the session stays as it was.
+    pub async fn authenticate(&mut self, vm_id: &str) -> Result<()> {
+        let before = self.info.clone();
         self.info.vm_id = Some(vm_id.to_owned());
         self.info.authenticated_at = Some(Timestamp::now());
-        self.publish();
+        if let Err(err) = self.publish().await {
+            self.info = SessionInfo {
+                version: self.info.version,
+                ..before
+            };
+            self.remember();
+            return Err(err);
+        }
+        Ok(())
     }
 
-    pub fn logout(&mut self) {
+    /// Ends the authentication. It ends here at once, whatever happens to
+    /// the write that tells the other instances.
+    pub async fn logout(&mut self) -> Result<()> {
         self.info.authenticated_at = None;
-        self.publish();
+        let written = self.publish().await;
+        if written.is_err() {
+            self.sessions.mark_dirty();
+        }
+        written
     }
 
-    fn publish(&self) {
+    fn remember(&self) {
         self.sessions.lock().insert(self.info.id, self.info.clone());
+    }
+
+    async fn publish(&mut self) -> Result<()> {
+        self.info.version += 1;
+        self.remember();
+        if self.info.instance_id == 0 {
+            return Ok(());
+        }
+        self.sessions.store.put_session(&self.info).await
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         self.sessions.lock().remove(&self.info.id);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sessions_follow_their_connection() {
-        let sessions = Arc::new(Sessions::new());
-        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let mut a = sessions.open(peer);
-        let b = sessions.open(peer);
-        assert_ne!(a.id(), b.id());
-        a.bind("one");
-        assert_eq!(a.vm_id(), Some("one"));
-        assert_eq!(a.authenticated_vm(), None);
-        a.authenticate("two");
-        a.bind("three");
-        assert_eq!(a.authenticated_vm(), Some("two"));
-        a.logout();
-        assert_eq!(a.vm_id(), Some("two"));
-        assert_eq!(a.authenticated_vm(), None);
-        let snapshot = sessions.snapshot();
-        assert_eq!(snapshot.len(), 2);
-        assert_eq!(snapshot[0], *a.info());
-        drop(b);
-        assert_eq!(sessions.len(), 1);
-        drop(a);
-        assert!(sessions.is_empty());
+        if !self.closed {
+            // The connection task ended without `Sessions::close` (it was
+            // aborted or panicked): the row must go at the next renewal.
+            self.sessions.mark_dirty();
+        }
     }
 }

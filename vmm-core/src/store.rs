@@ -14,6 +14,7 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Error, Result};
 use crate::protocol::{DiskEntry, DiskView, ErrorCode, Timestamp, VmView};
+use crate::session::SessionInfo;
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -394,5 +395,204 @@ impl Store {
         let statement = tx.prepare_cached(VMS_BY_ID).await?;
         let row = tx.query_one(&statement, &[&[vm_id].as_slice()]).await?;
         Ok(record(&row).view)
+    }
+
+    // ---- presence: instances and their sessions ----
+
+    /// Registers a new instance and returns its id. Rows that an earlier life
+    /// of the same `name` left behind are removed first (their VMs' last
+    /// sighting becomes that life's last renewal), so a restarted instance
+    /// shows no ghosts.
+    pub async fn join_instance(&self, name: &str, lease: Duration) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH old AS ( \
+                     DELETE FROM instances WHERE name = $1 AND $1 <> '' RETURNING id, renewed_at \
+                 ), seen AS ( \
+                     UPDATE vms v SET last_seen_at = GREATEST(v.last_seen_at, o.renewed_at) \
+                     FROM sessions s JOIN old o ON o.id = s.instance_id WHERE v.vm_id = s.vm_id \
+                 ) \
+                 INSERT INTO instances (name, expires_at) \
+                 VALUES ($1, now() + $2::float8 * interval '1 second') RETURNING id",
+            )
+            .await?;
+        let row = client
+            .query_one(&statement, &[&name, &lease.as_secs_f64()])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Renews this instance's lease and removes instances whose lease ran out
+    /// (their VMs' last sighting becomes their last renewal), in one
+    /// statement whatever the number of sessions. Returns true when this
+    /// instance's own row had to be re-created (it had been reaped while this
+    /// instance could not reach the database): its sessions must then be
+    /// written again.
+    pub async fn renew_instance(&self, id: i64, name: &str, lease: Duration) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH dead AS ( \
+                     DELETE FROM instances WHERE expires_at < now() AND id <> $1 \
+                     RETURNING id, renewed_at \
+                 ), seen AS ( \
+                     UPDATE vms v SET last_seen_at = GREATEST(v.last_seen_at, d.renewed_at) \
+                     FROM sessions s JOIN dead d ON d.id = s.instance_id WHERE v.vm_id = s.vm_id \
+                 ) \
+                 INSERT INTO instances (id, name, expires_at) OVERRIDING SYSTEM VALUE \
+                 VALUES ($1, $2, now() + $3::float8 * interval '1 second') \
+                 ON CONFLICT (id) DO UPDATE \
+                 SET renewed_at = now(), expires_at = EXCLUDED.expires_at \
+                 RETURNING (xmax = 0) AS recreated",
+            )
+            .await?;
+        let row = client
+            .query_one(&statement, &[&id, &name, &lease.as_secs_f64()])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Removes this instance and its sessions (a graceful shutdown).
+    pub async fn leave_instance(&self, id: i64) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH seen AS ( \
+                     UPDATE vms v SET last_seen_at = now() FROM sessions s \
+                     WHERE s.instance_id = $1 AND v.vm_id = s.vm_id \
+                 ) \
+                 DELETE FROM instances WHERE id = $1",
+            )
+            .await?;
+        client.execute(&statement, &[&id]).await?;
+        Ok(())
+    }
+
+    /// Writes one session's state, unless a newer state is already stored.
+    pub async fn put_session(&self, session: &SessionInfo) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO sessions \
+                   (instance_id, session_id, peer, connected_at, vm_id, authenticated_at, version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (instance_id, session_id) DO UPDATE \
+                 SET vm_id = EXCLUDED.vm_id, authenticated_at = EXCLUDED.authenticated_at, \
+                     version = EXCLUDED.version \
+                 WHERE sessions.version < EXCLUDED.version",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &session.instance_id,
+                    &session.db_id(),
+                    &session.peer,
+                    &session.connected_at.0,
+                    &session.vm_id,
+                    &session.authenticated_at.map(|t| t.0),
+                    &session.version,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a closed session and records its VM as seen now, in one
+    /// statement.
+    pub async fn close_session(&self, session: &SessionInfo) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH gone AS ( \
+                     DELETE FROM sessions WHERE instance_id = $1 AND session_id = $2 \
+                 ) \
+                 UPDATE vms SET last_seen_at = now() WHERE vm_id = $3",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[&session.instance_id, &session.db_id(), &session.vm_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes the stored sessions of one instance exactly `live`, after writes
+    /// were lost (the database was unreachable, or the instance was reaped).
+    pub async fn reassert_sessions(&self, instance_id: i64, live: &[SessionInfo]) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO sessions \
+                   (instance_id, session_id, peer, connected_at, vm_id, authenticated_at, version) \
+                 SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], \
+                                          $5::text[], $6::timestamptz[], $7::bigint[]) \
+                 ON CONFLICT (instance_id, session_id) DO UPDATE \
+                 SET vm_id = EXCLUDED.vm_id, authenticated_at = EXCLUDED.authenticated_at, \
+                     version = EXCLUDED.version \
+                 WHERE sessions.version < EXCLUDED.version",
+            )
+            .await?;
+        let ids: Vec<i64> = live.iter().map(SessionInfo::db_id).collect();
+        let peers: Vec<&str> = live.iter().map(|s| s.peer.as_str()).collect();
+        let connected: Vec<SystemTime> = live.iter().map(|s| s.connected_at.0).collect();
+        let vms: Vec<Option<&str>> = live.iter().map(|s| s.vm_id.as_deref()).collect();
+        let authenticated: Vec<Option<SystemTime>> = live
+            .iter()
+            .map(|s| s.authenticated_at.map(|t| t.0))
+            .collect();
+        let versions: Vec<i64> = live.iter().map(|s| s.version).collect();
+        tx.execute(
+            &upsert,
+            &[
+                &instance_id,
+                &ids,
+                &peers,
+                &connected,
+                &vms,
+                &authenticated,
+                &versions,
+            ],
+        )
+        .await?;
+        let prune = tx
+            .prepare_cached(
+                "DELETE FROM sessions WHERE instance_id = $1 AND NOT (session_id = ANY($2))",
+            )
+            .await?;
+        tx.execute(&prune, &[&instance_id, &ids]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The sessions of every other instance whose lease is alive.
+    pub async fn remote_sessions(&self, my_instance_id: i64) -> Result<Vec<SessionInfo>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT s.instance_id, s.session_id, s.peer, s.connected_at, s.vm_id, \
+                        s.authenticated_at, s.version \
+                 FROM sessions s JOIN instances i ON i.id = s.instance_id \
+                 WHERE i.expires_at > now() AND s.instance_id <> $1",
+            )
+            .await?;
+        let rows = client.query(&statement, &[&my_instance_id]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| SessionInfo {
+                instance_id: row.get(0),
+                id: u64::try_from(row.get::<_, i64>(1)).unwrap_or_default(),
+                peer: row.get(2),
+                connected_at: Timestamp(row.get(3)),
+                vm_id: row.get(4),
+                authenticated_at: row.get::<_, Option<SystemTime>>(5).map(Timestamp),
+                version: row.get(6),
+            })
+            .collect())
     }
 }

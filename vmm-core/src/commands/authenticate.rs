@@ -48,7 +48,7 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
         let Some(vm) = ctx.store.vm(&p.vm_id).await? else {
             return Err(Error::invalid_credentials());
         };
-        session.authenticate(&vm.vm_id);
+        session.authenticate(&vm.vm_id).await?;
         tracing::info!(vm_id = %vm.vm_id, "authenticated");
         Success::new(format!("authenticated as {}", vm.vm_id)).with("vm", vm)
     })

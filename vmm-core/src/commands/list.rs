@@ -77,15 +77,15 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
         let reply = |count: usize| Success::new(format!("{count} {}", kind.as_str()));
         match kind {
             ListType::ActiveVms => {
-                let sessions = ctx.sessions.snapshot();
+                let sessions = ctx.sessions.everywhere().await?;
                 let vms = views_of(ctx, &sessions).await?;
                 let entries: Vec<ActiveSession> = sessions
                     .into_iter()
                     .map(|s| ActiveSession {
                         session_id: s.id,
-                        peer: s.peer.to_string(),
-                        connected_at: s.connected_at,
                         authenticated: s.is_authenticated(),
+                        peer: s.peer,
+                        connected_at: s.connected_at,
                         vm: s.vm_id.as_deref().and_then(|id| vms.get(id).cloned()),
                         vm_id: s.vm_id,
                     })
@@ -95,7 +95,8 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             ListType::AuthenticatedVms => {
                 let sessions: Vec<SessionInfo> = ctx
                     .sessions
-                    .snapshot()
+                    .everywhere()
+                    .await?
                     .into_iter()
                     .filter(SessionInfo::is_authenticated)
                     .collect();
@@ -107,7 +108,7 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
                         Some(AuthenticatedSession {
                             vm,
                             session_id: s.id,
-                            peer: s.peer.to_string(),
+                            peer: s.peer,
                             authenticated_at: s.authenticated_at?,
                         })
                     })
@@ -116,7 +117,7 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             }
             ListType::AllVms => {
                 let records = ctx.store.all_vms().await?;
-                let sessions = ctx.sessions.snapshot();
+                let sessions = ctx.sessions.everywhere().await?;
                 let now = Timestamp::now();
                 let entries: Vec<VmStatus> = records
                     .into_iter()

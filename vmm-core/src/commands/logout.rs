@@ -24,7 +24,7 @@ fn handler<'a>(_: &'a Context, session: &'a mut Session, data: Data) -> HandlerF
             .ok_or_else(Error::not_authenticated)?
             .to_owned();
         params::parse::<Empty>(data)?;
-        session.logout();
+        session.logout().await?;
         tracing::info!(vm_id = %vm_id, "logged out");
         Ok(Success::new(format!("logged out of {vm_id}")))
     })

@@ -80,7 +80,7 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
         else {
             return Err(taken(&p.vm_id));
         };
-        session.bind(&vm.vm_id);
+        session.bind(&vm.vm_id).await;
         tracing::info!(vm_id = %vm.vm_id, disks = vm.disks.len(), "VM registered");
         Success::new(format!("VM {} registered", vm.vm_id)).with("vm", vm)
     })

@@ -1,0 +1,119 @@
+//! This instance's lease in the shared `instances` table.
+//!
+//! An instance joins when it starts (removing what an earlier life of the same
+//! name left), then renews its lease every `presence_interval`: one statement,
+//! whatever the number of sessions, which also removes instances whose lease
+//! ran out. Other instances list only sessions of instances with a live lease,
+//! so a crashed instance disappears from every list within one lease. After
+//! the database was unreachable, or after this instance's row was reaped, the
+//! next renewal writes all of its live sessions again.
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::context::Context;
+use crate::error::Result;
+
+/// Registers this instance. Called by [`Context::connect`]; a context made
+/// with [`Context::new`] joins at its first successful renewal instead.
+pub async fn join(context: &Context) -> Result<()> {
+    let id = context
+        .store
+        .join_instance(&context.config.instance_name, context.config.instance_lease)
+        .await?;
+    context.sessions.set_instance_id(id);
+    tracing::info!(instance = id, name = %context.config.instance_name, "joined");
+    Ok(())
+}
+
+/// One round: join or renew, then rewrite the sessions if writes were lost.
+async fn renew(context: &Context) -> Result<()> {
+    let sessions = &context.sessions;
+    let config = &context.config;
+    let id = sessions.instance_id();
+    if id == 0 {
+        join(context).await?;
+        return Ok(());
+    }
+    if context
+        .store
+        .renew_instance(id, &config.instance_name, config.instance_lease)
+        .await?
+    {
+        tracing::warn!(
+            instance = id,
+            "this instance's lease had run out; writing its sessions again"
+        );
+        sessions.mark_dirty();
+    }
+    if sessions.take_dirty() {
+        // Sessions opened before the instance first joined are known only here.
+        let live: Vec<_> = sessions
+            .local()
+            .into_iter()
+            .filter(|session| session.instance_id == id)
+            .collect();
+        if let Err(err) = context.store.reassert_sessions(id, &live).await {
+            sessions.mark_dirty();
+            return Err(err);
+        }
+        // A session that closed while its row was being rewritten may have
+        // been written back: look again next round.
+        let now: Vec<u64> = sessions.local().iter().map(|s| s.id).collect();
+        if live.iter().any(|session| !now.contains(&session.id)) {
+            sessions.mark_dirty();
+        }
+    }
+    Ok(())
+}
+
+/// Renews the lease until dropped.
+pub(crate) fn maintain(context: Arc<Context>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(context.config.presence_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut healthy = true;
+        loop {
+            ticker.tick().await;
+            match renew(&context).await {
+                Ok(()) if !healthy => {
+                    tracing::info!("database reachable again; presence restored");
+                    healthy = true;
+                }
+                Ok(()) => {}
+                Err(err) => {
+                    if healthy {
+                        tracing::warn!(error = %err, "cannot renew this instance's lease");
+                    }
+                    healthy = false;
+                    context.sessions.mark_dirty();
+                }
+            }
+        }
+    }))
+}
+
+/// Removes this instance and its sessions from the shared tables (a graceful
+/// shutdown).
+pub(crate) async fn leave(context: &Context) {
+    let id = context.sessions.instance_id();
+    if id == 0 {
+        return;
+    }
+    if let Err(err) = context.store.leave_instance(id).await {
+        tracing::warn!(error = %err, "could not remove this instance; its lease will run out");
+    }
+}
+
+/// A task that is aborted when this handle is dropped, so that it cannot
+/// outlive the server that started it (not even an aborted one).
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
