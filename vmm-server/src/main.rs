@@ -42,6 +42,16 @@ struct Args {
     #[arg(long, env = "VMM_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
 
+    /// This instance's name among the instances sharing the database: unique,
+    /// and stable across restarts [default: HOSTNAME:PORT].
+    #[arg(long, env = "VMM_INSTANCE_NAME")]
+    instance_name: Option<String>,
+
+    /// Seconds this instance counts as alive after its last lease renewal
+    /// (renewed every fifth of that, at most every 2 s).
+    #[arg(long, env = "VMM_INSTANCE_LEASE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    instance_lease: u64,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -64,9 +74,12 @@ async fn main() -> ExitCode {
         max_request_bytes: args.max_request_bytes as usize,
         shutdown_grace: Duration::from_secs(5),
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        instance_lease: Duration::from_secs(args.instance_lease),
+        presence_interval: (Duration::from_secs(args.instance_lease) / 5)
+            .min(Duration::from_secs(2)),
         ..vmm_core::Config::default()
     };
-    match run(args.listen, config).await {
+    match run(args.listen, args.instance_name, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err}");
@@ -77,16 +90,31 @@ async fn main() -> ExitCode {
 
 async fn run(
     listen: SocketAddr,
-    config: vmm_core::Config,
+    instance_name: Option<String>,
+    mut config: vmm_core::Config,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let context = vmm_core::Context::connect(config).await?;
+    // Bind first: the instance is named after the port it really got.
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
-    tracing::info!(address = %listener.local_addr()?, "listening");
+    let address = listener.local_addr()?;
+    config.instance_name =
+        instance_name.unwrap_or_else(|| format!("{}:{}", hostname(), address.port()));
+    let context = vmm_core::Context::connect(config).await?;
+    tracing::info!(%address, "listening");
     vmm_core::serve(listener, context, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 async fn shutdown_signal() {
