@@ -45,7 +45,9 @@ async fn a_command_registered_by_the_host_is_served_and_listed() {
             "logout",
             "ping",
             "register",
-            "update"
+            "unwatch",
+            "update",
+            "watch"
         ]
     );
     err(

@@ -237,6 +237,11 @@ impl Connection {
         self.writer.write_all(&reply.to_line()).await
     }
 
+    /// Queues bytes that are already a complete line (an event).
+    pub async fn write_raw(&mut self, line: &[u8]) -> io::Result<()> {
+        self.writer.write_all(line).await
+    }
+
     pub async fn flush(&mut self) -> io::Result<()> {
         self.writer.flush().await
     }

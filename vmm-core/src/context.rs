@@ -69,6 +69,8 @@ pub struct Context {
     pub store: Store,
     pub sessions: Arc<Sessions>,
     pub passwords: Passwords,
+    /// Change events from every instance, for this instance's watchers.
+    pub events: crate::events::Events,
 }
 
 impl Context {
@@ -77,6 +79,7 @@ impl Context {
         let store = Store::new(&config.database_url, config.db_pool_size)?;
         Ok(Arc::new(Context {
             passwords: Passwords::new(config.hash_concurrency),
+            events: crate::events::Events::default(),
             sessions: Arc::new(Sessions::new(store.clone())),
             store,
             config,

@@ -19,6 +19,8 @@
 //! - [`params`]: strict decoding and validation of a command's `data`.
 //! - [`session`]: the live sessions of every instance, and the calling
 //!   connection's own.
+//! - [`events`]: change events from every instance (PostgreSQL
+//!   LISTEN/NOTIFY), for `watch`.
 //! - [`presence`]: this instance's lease in the shared database, which is
 //!   how instances see each other's sessions and notice each other's death.
 //! - [`store`]: the only module that talks to PostgreSQL, and the migrations.
@@ -61,6 +63,7 @@ mod commands;
 pub mod connection;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod params;
 pub mod password;
 pub mod presence;

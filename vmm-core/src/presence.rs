@@ -71,7 +71,7 @@ async fn renew(context: &Context) -> Result<()> {
 
 /// Renews the lease until dropped.
 pub(crate) fn maintain(context: Arc<Context>) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
+    AbortOnDrop::spawn(async move {
         let mut ticker = tokio::time::interval(context.config.presence_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut healthy = true;
@@ -92,7 +92,7 @@ pub(crate) fn maintain(context: Arc<Context>) -> AbortOnDrop {
                 }
             }
         }
-    }))
+    })
 }
 
 /// Removes this instance and its sessions from the shared tables (a graceful
@@ -111,6 +111,14 @@ pub(crate) async fn leave(context: &Context) {
 /// outlive the server that started it (not even an aborted one).
 #[derive(Debug)]
 pub(crate) struct AbortOnDrop(JoinHandle<()>);
+
+impl AbortOnDrop {
+    pub(crate) fn spawn(
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> AbortOnDrop {
+        AbortOnDrop(tokio::spawn(task))
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

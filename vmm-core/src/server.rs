@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast};
@@ -18,9 +18,10 @@ use tracing::Instrument;
 use crate::connection::{Connection, Frame};
 use crate::context::Context;
 use crate::error::Error;
+use crate::events::Event;
 use crate::protocol::{ErrorCode, Reply, Request};
 use crate::registry::Registry;
-use crate::session::Session;
+use crate::session::{Lagged, Session};
 use crate::store::SetupError;
 
 /// Serves `listener` until `shutdown` completes, then drains gracefully.
@@ -37,6 +38,7 @@ pub async fn serve(
     let (stop, _) = broadcast::channel::<()>(1);
     let mut tasks = JoinSet::new();
     let presence = crate::presence::maintain(Arc::clone(&context));
+    let events = crate::events::listen(Arc::clone(&context));
     tokio::pin!(shutdown);
 
     loop {
@@ -99,6 +101,7 @@ pub async fn serve(
         );
         tasks.shutdown().await;
     }
+    drop(events);
     drop(presence);
     crate::presence::leave(&context).await;
     Ok(())
@@ -135,6 +138,21 @@ async fn refuse(stream: TcpStream, max_request: usize) {
         .await;
 }
 
+/// What woke a connection up.
+enum Next {
+    Frame(Frame),
+    Event(Event),
+    /// The client sent nothing for the idle timeout.
+    Idle,
+    /// The client left, the socket failed, a watcher fell behind, or the
+    /// server is shutting down.
+    Done,
+}
+
+/// How long a client that does not read its replies or events may hold up
+/// a write before it is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs one connection until it closes, the client misbehaves beyond
 /// recovery, or the server shuts down.
 async fn run(
@@ -145,32 +163,62 @@ async fn run(
     mut stop: broadcast::Receiver<()>,
 ) {
     tracing::debug!("connected");
+    let idle_timeout = context.config.idle_timeout;
+    let mut last_input = Instant::now();
     loop {
-        let frame = match conn.buffered_frame() {
-            Some(frame) => frame,
+        let next = match conn.buffered_frame() {
+            Some(frame) => Next::Frame(frame),
             None => {
-                if let Err(err) = conn.flush().await {
-                    tracing::debug!(error = %err, "write failed");
+                if within(Some(WRITE_TIMEOUT), conn.flush())
+                    .await
+                    .is_none_or(|r| r.is_err())
+                {
+                    tracing::debug!("write failed or timed out");
                     break;
                 }
+                // Only the client's own input counts against the idle timeout.
+                let idle_left =
+                    idle_timeout.map(|limit| limit.saturating_sub(last_input.elapsed()));
                 tokio::select! {
                     biased;
-                    _ = stop.recv() => break,
-                    read = within(context.config.idle_timeout, conn.read_frame()) => match read {
-                        Some(Ok(Some(frame))) => frame,
-                        Some(Ok(None)) => break,
+                    _ = stop.recv() => Next::Done,
+                    event = session.next_event() => match event {
+                        Ok(event) => Next::Event(event),
+                        Err(Lagged) => {
+                            tracing::info!("watcher fell behind its events, disconnecting");
+                            Next::Done
+                        }
+                    },
+                    read = within(idle_left, conn.read_frame()) => match read {
+                        Some(Ok(Some(frame))) => Next::Frame(frame),
+                        Some(Ok(None)) => Next::Done,
                         Some(Err(err)) => {
                             tracing::debug!(error = %err, "read failed");
-                            break;
+                            Next::Done
                         }
-                        None => {
-                            tracing::info!("idle for too long, closing");
-                            break;
-                        }
+                        None => Next::Idle,
                     },
                 }
             }
         };
+        let frame = match next {
+            Next::Frame(frame) => frame,
+            Next::Event(event) => {
+                let written =
+                    within(Some(WRITE_TIMEOUT), conn.write_raw(event.line.as_bytes())).await;
+                if written.is_none_or(|r| r.is_err()) {
+                    tracing::info!("watcher does not read its events, disconnecting");
+                    break;
+                }
+                continue;
+            }
+            Next::Idle => {
+                tracing::info!("idle for too long, closing");
+                break;
+            }
+            Next::Done => break,
+        };
+        last_input = Instant::now();
         let reply = match frame {
             Frame::TooLarge => {
                 tracing::info!(
@@ -202,7 +250,7 @@ async fn run(
             break;
         }
     }
-    let _ = conn.flush().await;
+    let _ = within(Some(WRITE_TIMEOUT), conn.flush()).await;
     finish(&context, session).await;
 }
 

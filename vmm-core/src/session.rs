@@ -20,9 +20,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
+use crate::events::{Event, Topic};
 use crate::protocol::Timestamp;
 use crate::store::Store;
 
@@ -121,6 +123,7 @@ impl Sessions {
             sessions: Arc::clone(self),
             opening,
             closed: false,
+            watch: None,
         }
     }
 
@@ -185,7 +188,19 @@ pub struct Session {
     sessions: Arc<Sessions>,
     opening: Option<JoinHandle<()>>,
     closed: bool,
+    watch: Option<Watch>,
 }
+
+/// A session's subscription to change events.
+#[derive(Debug)]
+struct Watch {
+    topics: Vec<Topic>,
+    events: broadcast::Receiver<Event>,
+}
+
+/// The watcher fell too far behind its events; it has to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lagged;
 
 impl Session {
     pub fn id(&self) -> u64 {
@@ -244,11 +259,45 @@ impl Session {
     /// the write that tells the other instances.
     pub async fn logout(&mut self) -> Result<()> {
         self.info.authenticated_at = None;
+        // Watching needs authentication.
+        self.watch = None;
         let written = self.publish().await;
         if written.is_err() {
             self.sessions.mark_dirty();
         }
         written
+    }
+
+    /// Starts (or changes) the session's subscription to change events.
+    pub fn watch(&mut self, topics: Vec<Topic>, events: broadcast::Receiver<Event>) {
+        self.watch = Some(Watch { topics, events });
+    }
+
+    /// Stops the subscription; false if there was none.
+    pub fn unwatch(&mut self) -> bool {
+        self.watch.take().is_some()
+    }
+
+    pub fn is_watching(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// The next event this session watches for; never completes while it
+    /// watches nothing. Cancel safe.
+    pub async fn next_event(&mut self) -> Result<Event, Lagged> {
+        let Some(watch) = self.watch.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            match watch.events.recv().await {
+                Ok(event) if watch.topics.iter().any(|t| t.covers(&event.name)) => {
+                    return Ok(event);
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return Err(Lagged),
+                Err(broadcast::error::RecvError::Closed) => return std::future::pending().await,
+            }
+        }
     }
 
     fn remember(&self) {

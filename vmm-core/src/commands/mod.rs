@@ -9,3 +9,4 @@ mod logout;
 mod ping;
 mod register;
 mod update;
+mod watch;
