@@ -556,6 +556,34 @@ pub fn err(reply: &Value, code: &str) {
     assert_eq!(reply["data"], serde_json::json!({}));
 }
 
+/// A polling deadline for loops whose check needs `&mut` access:
+/// `loop { if done { break } deadline.tick().await }`.
+pub struct Deadline {
+    what: &'static str,
+    until: Instant,
+}
+
+impl Deadline {
+    pub fn new(what: &'static str) -> Deadline {
+        Deadline::within(what, PATIENCE)
+    }
+
+    pub fn within(what: &'static str, limit: Duration) -> Deadline {
+        Deadline {
+            what,
+            until: Instant::now() + limit,
+        }
+    }
+
+    /// Waits a moment before the next check; fails once the deadline passed.
+    pub async fn tick(&self) {
+        if Instant::now() > self.until {
+            fail(format!("timed out waiting for: {}", self.what));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls `check` until it returns `Some`, failing after [`PATIENCE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
