@@ -243,6 +243,108 @@ async fn admin() -> tokio_postgres::Client {
     }
 }
 
+/// A TCP proxy between servers and PostgreSQL that a test can cut and
+/// restore, to play a database outage.
+pub struct DbProxy {
+    /// `db`'s URL, through the proxy.
+    pub url: String,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    _accept: JoinHandle<()>,
+}
+
+enum Upstream {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl DbProxy {
+    pub async fn start(db: &TestDb) -> DbProxy {
+        let config: tokio_postgres::Config = db
+            .url
+            .parse()
+            .unwrap_or_else(|err| fail(format!("unparsable database URL: {err}")));
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let upstream = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => {
+                Upstream::Tcp(format!("{host}:{port}"))
+            }
+            Some(tokio_postgres::config::Host::Unix(dir)) => {
+                Upstream::Unix(dir.join(format!(".s.PGSQL.{port}")))
+            }
+            None => Upstream::Tcp(format!("127.0.0.1:{port}")),
+        };
+        let upstream = Arc::new(upstream);
+        let user = config.get_user().unwrap_or("postgres").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot bind the proxy: {err}")));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|err| fail(err.to_string()));
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = {
+            let (cut, links) = (Arc::clone(&cut), Arc::clone(&links));
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused
+                    }
+                    let upstream = Arc::clone(&upstream);
+                    let link = tokio::spawn(async move {
+                        let _ = match &*upstream {
+                            Upstream::Tcp(addr) => match TcpStream::connect(addr).await {
+                                Ok(mut server) => {
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await
+                                }
+                                Err(err) => Err(err),
+                            },
+                            Upstream::Unix(path) => match tokio::net::UnixStream::connect(path)
+                                .await
+                            {
+                                Ok(mut server) => {
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await
+                                }
+                                Err(err) => Err(err),
+                            },
+                        };
+                    });
+                    if let Ok(mut links) = links.lock() {
+                        links.retain(|l: &tokio::task::AbortHandle| !l.is_finished());
+                        links.push(link.abort_handle());
+                    }
+                }
+            })
+        };
+        DbProxy {
+            url: format!(
+                "host=127.0.0.1 port={} user={user} dbname={}",
+                addr.port(),
+                db.name
+            ),
+            cut,
+            links,
+            _accept: accept,
+        }
+    }
+
+    /// Breaks every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        if let Ok(mut links) = self.links.lock() {
+            for link in links.drain(..) {
+                link.abort();
+            }
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
 /// A database of a test's own, dropped when the test ends.
 #[derive(Debug)]
 pub struct TestDb {
@@ -356,6 +458,21 @@ impl TestServer {
     /// behind a load balancer would be.
     pub async fn start_beside(&self, configure: impl FnOnce(&mut Config)) -> TestServer {
         TestServer::start_on(self.db.share(), configure).await
+    }
+
+    /// Another instance on this server's database that reaches it through
+    /// `proxy`.
+    pub async fn start_through(
+        &self,
+        proxy: &DbProxy,
+        configure: impl FnOnce(&mut Config),
+    ) -> TestServer {
+        let url = proxy.url.clone();
+        TestServer::start_on(self.db.share(), move |config| {
+            config.database_url = url;
+            configure(config);
+        })
+        .await
     }
 
     async fn start_on(db: TestDb, configure: impl FnOnce(&mut Config)) -> TestServer {

@@ -1,0 +1,72 @@
+//! An instance that loses the database keeps serving `ping`, drops out of the
+//! other instances' lists when its lease runs out, and writes its live
+//! sessions again when the database is back.
+
+use std::time::Duration;
+
+use serde_json::json;
+use vmm_tests::{DbProxy, Deadline, TestServer, err, ok, password_for, registration};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_reasserted_after_an_outage() {
+    let short = |config: &mut vmm_core::Config| {
+        config.instance_lease = Duration::from_secs(1);
+        config.presence_interval = Duration::from_millis(200);
+    };
+    let a = TestServer::start_with(short).await;
+    let proxy = DbProxy::start(&a.db).await;
+    let b = a.start_through(&proxy, short).await;
+
+    let mut observer = a.client().await;
+    observer
+        .register(&registration("observer", 64, vec![]))
+        .await
+        .unwrap();
+    observer
+        .authenticate("observer", &password_for("observer"))
+        .await
+        .unwrap();
+    let mut far = b.raw().await;
+    ok(&far.call(json!({"command": "register", "data": {"vm_id": "far", "ram": 1, "cpu": 1, "password": password_for("far")}})).await);
+    ok(&far.call(json!({"command": "authenticate", "data": {"vm_id": "far", "password": password_for("far")}})).await);
+    let listed = |auth: &[vmm_core::protocol::AuthenticatedSession]| {
+        auth.iter().any(|s| s.vm.vm_id == "far")
+    };
+    assert!(listed(&observer.list_authenticated().await.unwrap()));
+
+    proxy.cut();
+    ok(&far.call(json!({"command": "ping"})).await);
+    let deadline = Deadline::new("B drops out of A's lists once its lease runs out");
+    while listed(&observer.list_authenticated().await.unwrap()) {
+        deadline.tick().await;
+    }
+    ok(&far.call(json!({"command": "ping"})).await);
+    err(
+        &far.call(json!({"command": "list", "data": {"list_type": "all_vms"}}))
+            .await,
+        "unavailable",
+    );
+
+    proxy.restore();
+    let deadline = Deadline::new("B writes its sessions again");
+    while !listed(&observer.list_authenticated().await.unwrap()) {
+        deadline.tick().await;
+    }
+    let deadline = Deadline::new("B serves database commands again");
+    loop {
+        let reply = far
+            .call(json!({"command": "list", "data": {"list_type": "authenticated_vms"}}))
+            .await;
+        if reply["status"] == "success" {
+            let names: Vec<&str> = reply["data"]["authenticated_vms"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["vm_id"].as_str().unwrap())
+                .collect();
+            assert_eq!(names, ["observer", "far"]);
+            break;
+        }
+        deadline.tick().await;
+    }
+}
