@@ -72,7 +72,7 @@ impl fmt::Display for Failure {
 }
 
 /// An I/O error's text without the trailing ` (os error N)`.
-fn describe(err: &io::Error) -> String {
+pub fn describe(err: &io::Error) -> String {
     let text = err.to_string();
     match err.raw_os_error() {
         Some(code) => text

@@ -6,11 +6,16 @@
 //! and message lines; `--json` prints the server's reply lines verbatim for
 //! scripts. All I/O goes through [`vmm_core::Client`].
 //!
+//! `vmm-client agent` is different: it runs on a VM and keeps it
+//! authenticated, reconnecting when the connection is lost, until SIGINT or
+//! SIGTERM.
+//!
 //! The modules: `main` parses the arguments and dispatches, `conn` runs
 //! requests over one connection and defines the exit codes, `render` draws
 //! tables, `password` finds a one-shot command's password, `shell` is the
-//! interactive shell and `input` its blocking input thread.
+//! interactive shell and `input` its blocking input thread, `agent` the agent.
 
+mod agent;
 mod conn;
 mod input;
 mod out;
@@ -45,6 +50,11 @@ got error replies (like redis-cli); only a lost connection (3) changes that.
 The shell pings the server whenever its connection has been idle for
 --keepalive seconds, so that the server's idle timeout does not close it.
 
+`agent` runs on a VM: it registers the VM (with --ram and --cpu) and
+authenticates, pings every --ping-interval, reconnects with capped
+exponential backoff when the connection is lost, logs each state change to
+stderr, and on SIGINT or SIGTERM logs out and exits 0. See `agent --help`.
+
 Examples:
   vmm-client ping
   vmm-client register --vm-id stalin --ram 512 --cpu 4 --disk 100 --disk 200
@@ -53,7 +63,9 @@ Examples:
   echo securePass123 | vmm-client --json logout --vm-id stalin --password-stdin
   vmm-client send '{\"command\": \"ping\", \"id\": 1}'
   vmm-client --addr 10.0.0.5:8888 --keepalive 10
-  printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client";
+  printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client
+  VMM_PASSWORD=securePass123 vmm-client agent --vm-id stalin --ram 512 --cpu 4 --disk 100
+  vmm-client agent --vm-id stalin --password-file /etc/vmm/password";
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -118,6 +130,49 @@ struct Login {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Client(ClientCommand),
+
+    /// Run on a VM: stay registered and authenticated, reconnecting as needed.
+    #[command(long_about = AGENT_ABOUT, after_help = AGENT_AFTER_HELP)]
+    Agent(agent::AgentArgs),
+}
+
+const AGENT_ABOUT: &str = "\
+Run on a VM: stay registered and authenticated, reconnecting as needed.
+
+On each connection: with --ram and --cpu, send `register` first (a VM that
+exists already is fine); then `authenticate`. While connected, ping every
+--ping-interval. When the connection is lost (cannot connect, closed, I/O
+error, no reply within 10 s, or the server answers `unavailable`), wait and
+reconnect: the n-th failed attempt in a row (n = 0, 1, ...) waits a random
+time between step/2 and step, where step = min(--backoff-max,
+--backoff-initial * 2^n) (equal jitter); a successful authentication starts
+the backoff over.
+
+The password comes from --password-file (its first line), else
+$VMM_PASSWORD; never from the command line, and it is never logged. Each
+state change is logged to stderr as one line: an RFC 3339 UTC time,
+`agent VM_ID:`, and what happened.
+
+On SIGINT or SIGTERM: when authenticated, send `logout` (waiting at most
+2 s for the reply); then exit 0.";
+
+const AGENT_AFTER_HELP: &str = "\
+Examples:
+  VMM_PASSWORD=securePass123 vmm-client agent --vm-id stalin --ram 512 --cpu 4 --disk 100
+  vmm-client --addr 10.0.0.5:8888 agent --vm-id stalin --password-file /etc/vmm/password
+
+Exit codes:
+  0  stopped by SIGINT or SIGTERM
+  1  a failure retrying cannot fix: wrong password, or a VM that does not
+     exist without --ram/--cpu (invalid_credentials), a registration the
+     server rejects (invalid_params), or any other error reply that is not
+     `unavailable`, `server_busy` or `internal`
+  2  usage error: bad arguments, or no password";
+
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
     /// Check that the server answers (prints PONG).
     Ping,
 
@@ -262,7 +317,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => shell::run(&cli.addr, cli.json, unless_zero(cli.keepalive)).await,
-        Some(command) => one_shot(&cli.addr, cli.json, command).await,
+        Some(Command::Agent(args)) => return agent::run(&cli.addr, args).await,
+        Some(Command::Client(command)) => one_shot(&cli.addr, cli.json, command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -273,11 +329,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn one_shot(addr: &str, json: bool, command: Command) -> Result<(), Failure> {
+async fn one_shot(addr: &str, json: bool, command: ClientCommand) -> Result<(), Failure> {
     match command {
-        Command::Ping => simple(addr, json, Op::Ping).await,
-        Command::Help => simple(addr, json, Op::Help).await,
-        Command::Register {
+        ClientCommand::Ping => simple(addr, json, Op::Ping).await,
+        ClientCommand::Help => simple(addr, json, Op::Help).await,
+        ClientCommand::Register {
             login,
             ram,
             cpu,
@@ -293,7 +349,7 @@ async fn one_shot(addr: &str, json: bool, command: Command) -> Result<(), Failur
             };
             simple(addr, json, Op::Register(registration)).await
         }
-        Command::Authenticate { login } => {
+        ClientCommand::Authenticate { login } => {
             let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
             let op = Op::Authenticate {
                 vm_id: login.vm_id,
@@ -301,10 +357,10 @@ async fn one_shot(addr: &str, json: bool, command: Command) -> Result<(), Failur
             };
             simple(addr, json, op).await
         }
-        Command::List { kind, login } => {
+        ClientCommand::List { kind, login } => {
             authenticated(addr, json, login, Op::List(kind.into())).await
         }
-        Command::Update {
+        ClientCommand::Update {
             login,
             ram,
             cpu,
@@ -319,8 +375,8 @@ async fn one_shot(addr: &str, json: bool, command: Command) -> Result<(), Failur
             };
             authenticated(addr, json, login, Op::Update(update)).await
         }
-        Command::Logout { login } => authenticated(addr, json, login, Op::Logout).await,
-        Command::Send { text } => {
+        ClientCommand::Logout { login } => authenticated(addr, json, login, Op::Logout).await,
+        ClientCommand::Send { text } => {
             conn::replies_expected(&text)?;
             let mut conn = Conn::connect(addr, json).await?;
             let replies = conn.raw(&text).await?;
@@ -382,6 +438,22 @@ mod tests {
         let parsed =
             Cli::try_parse_from(["vmm-client", "update", "--vm-id", "a", "--new-disk", "5"]);
         assert!(parsed.is_ok());
+    }
+
+    #[test]
+    fn the_agent_registers_only_with_both_ram_and_cpu() {
+        let parse = |args: &[&str]| {
+            let argv = ["vmm-client", "agent", "--vm-id", "a"];
+            Cli::try_parse_from(argv.iter().chain(args)).is_ok()
+        };
+        assert!(parse(&[]));
+        assert!(parse(&["--ram", "512", "--cpu", "2", "--disk", "10"]));
+        assert!(!parse(&["--ram", "512"]));
+        assert!(!parse(&["--cpu", "2"]));
+        assert!(!parse(&["--disk", "10"]));
+        assert!(parse(&["--ping-interval", "0.2", "--backoff-max", "1.5"]));
+        assert!(!parse(&["--ping-interval", "soon"]));
+        assert!(!parse(&["--password", "secret"]));
     }
 
     #[test]
