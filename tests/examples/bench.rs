@@ -1,6 +1,8 @@
-//! Load figures for vmm: ping latency under many connections (alone and while
-//! passwords are being hashed), register and authenticate throughput, update
-//! throughput, and list latency as the number of VMs grows.
+//! Load figures for vmm: ping latency under many connections (alone, while
+//! passwords are being hashed, and while 2,000 connections open), register
+//! and authenticate throughput, update throughput, list latency as the
+//! number of VMs grows, and listing 2,000 connections of one instance from
+//! another.
 //!
 //! ```text
 //! VMM_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
@@ -195,4 +197,77 @@ async fn main() {
         samples.push(t.elapsed());
     }
     report("update ram+cpu, one connection", samples, started.elapsed());
+
+    connect_storm(&server, 2000).await;
+}
+
+/// Opens `count` connections to one instance while another connection pings
+/// it, then lists them from a second instance.
+async fn connect_storm(server: &TestServer, count: usize) {
+    let other = server.start_beside(|_| {}).await;
+    let mut observer = other.client().await;
+    observer
+        .authenticate("vm-0", &password_for("vm-0"))
+        .await
+        .expect("authenticate");
+    let mut pinger = server.client().await;
+
+    let opener = {
+        let addr = server.addr;
+        tokio::spawn(async move {
+            let tasks: Vec<_> = (0..20)
+                .map(|_| {
+                    tokio::spawn(async move {
+                        let mut open = Vec::new();
+                        for _ in 0..count / 20 {
+                            open.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+                        }
+                        open
+                    })
+                })
+                .collect();
+            let mut open = Vec::new();
+            for task in tasks {
+                open.extend(task.await.expect("open task"));
+            }
+            open
+        })
+    };
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while !opener.is_finished() {
+        let t = Instant::now();
+        pinger.ping().await.expect("ping");
+        samples.push(t.elapsed());
+    }
+    let storm = started.elapsed();
+    let open = opener.await.expect("opener");
+    report(
+        &format!("ping while {count} connections open ({storm:.2?})"),
+        samples,
+        started.elapsed(),
+    );
+
+    let started = Instant::now();
+    let mut lists = Vec::new();
+    let listed = loop {
+        let t = Instant::now();
+        let active = observer.list_active().await.expect("list");
+        lists.push(t.elapsed());
+        if active.len() > count {
+            break active.len();
+        }
+    };
+    println!(
+        "{:<44} {listed} sessions listed {:.2?} after the last connect, {} lists",
+        "list active_vms from another instance",
+        started.elapsed(),
+        lists.len()
+    );
+    report(
+        "list active_vms (2,000+ sessions)",
+        lists,
+        started.elapsed(),
+    );
+    drop(open);
 }

@@ -161,3 +161,31 @@ async fn topics_filter_and_unwatch_stops() {
     let reply = conn.call(json!({"command": "ping", "id": 2})).await;
     assert_eq!(reply["id"], 2, "{reply}");
 }
+
+#[tokio::test]
+async fn the_client_keeps_events_apart_from_replies() {
+    let server = TestServer::start().await;
+    let mut watcher = server.client().await;
+    watcher
+        .register(&registration("w", 1, vec![]))
+        .await
+        .unwrap();
+    watcher.authenticate("w", &password_for("w")).await.unwrap();
+    assert_eq!(watcher.watch(&["vms"]).await.unwrap(), ["vms"]);
+    let mut actor = server.client().await;
+    actor
+        .register(&registration("a1", 1, vec![]))
+        .await
+        .unwrap();
+    actor
+        .register(&registration("a2", 1, vec![]))
+        .await
+        .unwrap();
+    // Requests still get their replies while events are queued.
+    watcher.ping().await.unwrap();
+    let first: Value = serde_json::from_str(&watcher.next_event().await.unwrap()).unwrap();
+    let second: Value = serde_json::from_str(&watcher.next_event().await.unwrap()).unwrap();
+    assert_eq!(first["data"]["vm"]["vm_id"], "a1");
+    assert_eq!(second["data"]["vm"]["vm_id"], "a2");
+    watcher.unwatch().await.unwrap();
+}

@@ -2,6 +2,7 @@
 //! [`Client::call`] and [`Client::send_raw`] for anything else. Used by
 //! `vmm-client` and by the tests.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 
@@ -139,6 +140,18 @@ impl Update {
 pub struct Client {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    /// Event lines (after `watch`) that arrived while a reply was awaited.
+    events: VecDeque<String>,
+}
+
+/// Event lines have no `status` key; replies always do.
+pub fn is_event(line: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        status: Option<serde::de::IgnoredAny>,
+        event: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_str::<Probe>(line).is_ok_and(|p| p.status.is_none() && p.event.is_some())
 }
 
 impl Client {
@@ -149,20 +162,54 @@ impl Client {
         Ok(Client {
             reader: BufReader::new(reader),
             writer,
+            events: VecDeque::new(),
         })
     }
 
     /// Sends `text` as it is (plus a newline) and returns the next reply line,
-    /// without its newline.
+    /// without its newline. Event lines that come first are kept for
+    /// [`Client::next_event`].
     pub async fn send_raw(&mut self, text: &str) -> Result<String> {
         let mut line = Vec::with_capacity(text.len() + 1);
         line.extend_from_slice(text.as_bytes());
         line.push(b'\n');
         self.writer.write_all(&line).await?;
-        self.read_line().await
+        self.read_reply().await
     }
 
-    /// Reads the next line the server sends.
+    /// Reads the next reply line, keeping the event lines before it.
+    pub async fn read_reply(&mut self) -> Result<String> {
+        loop {
+            let line = self.read_line().await?;
+            if !is_event(&line) {
+                return Ok(line);
+            }
+            self.events.push_back(line);
+        }
+    }
+
+    /// The next event line (after `watch`), waiting for it if none is kept.
+    /// Cancel safe only between lines: use it when no request is pending.
+    pub async fn next_event(&mut self) -> Result<String> {
+        if let Some(event) = self.events.pop_front() {
+            return Ok(event);
+        }
+        let line = self.read_line().await?;
+        if is_event(&line) {
+            Ok(line)
+        } else {
+            Err(ClientError::Protocol(format!(
+                "a reply with no request: {line}"
+            )))
+        }
+    }
+
+    /// Event lines that arrived while replies were awaited.
+    pub fn take_events(&mut self) -> Vec<String> {
+        self.events.drain(..).collect()
+    }
+
+    /// Reads the next line the server sends, reply or event.
     pub async fn read_line(&mut self) -> Result<String> {
         let mut line = String::new();
         if self.reader.read_line(&mut line).await? == 0 {
@@ -236,6 +283,21 @@ impl Client {
 
     pub async fn logout(&mut self) -> Result<()> {
         self.request("logout", json!({}), "").await
+    }
+
+    /// Subscribes to change events; `topics` empty means all of them. Read
+    /// them with [`Client::next_event`].
+    pub async fn watch(&mut self, topics: &[&str]) -> Result<Vec<String>> {
+        let data = if topics.is_empty() {
+            json!({})
+        } else {
+            json!({"topics": topics})
+        };
+        self.request("watch", data, "topics").await
+    }
+
+    pub async fn unwatch(&mut self) -> Result<()> {
+        self.request("unwatch", json!({}), "").await
     }
 
     pub async fn help(&mut self) -> Result<Vec<CommandHelp>> {
