@@ -15,6 +15,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::context::Context;
 use crate::error::Result;
+use crate::session::Change;
 
 /// Registers this instance. Called by [`Context::connect`]; a context made
 /// with [`Context::new`] joins at its first successful renewal instead.
@@ -93,6 +94,32 @@ pub(crate) fn maintain(context: Arc<Context>) -> AbortOnDrop {
             }
         }
     })
+}
+
+/// Writes queued opens and closes in batches until dropped.
+pub(crate) fn write_behind(context: Arc<Context>) -> Option<AbortOnDrop> {
+    let mut changes = context.sessions.take_changes()?;
+    Some(AbortOnDrop::spawn(async move {
+        let mut batch = Vec::new();
+        while changes.recv_many(&mut batch, 1000).await > 0 {
+            let mut opened = Vec::new();
+            let mut closed = Vec::new();
+            for change in batch.drain(..) {
+                match change {
+                    Change::Opened(info) => opened.push(info),
+                    Change::Closed(info) => closed.push(info),
+                }
+            }
+            let id = context.sessions.instance_id();
+            opened.retain(|s| s.instance_id == id);
+            closed.retain(|s| s.instance_id == id);
+            let written = context.sessions.store().write_sessions(id, &opened, &closed).await;
+            if let Err(err) = written {
+                tracing::debug!(error = %err, "session writes lost; rewriting at the next renewal");
+                context.sessions.mark_dirty();
+            }
+        }
+    }))
 }
 
 /// Removes this instance and its sessions from the shared tables (a graceful

@@ -39,6 +39,7 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
     let presence = crate::presence::maintain(Arc::clone(&context));
     let events = crate::events::listen(Arc::clone(&context));
+    let writer = crate::presence::write_behind(Arc::clone(&context));
     tokio::pin!(shutdown);
 
     loop {
@@ -101,6 +102,7 @@ pub async fn serve(
         );
         tasks.shutdown().await;
     }
+    drop(writer);
     drop(events);
     drop(presence);
     crate::presence::leave(&context).await;
@@ -289,5 +291,5 @@ async fn execute(
 /// Leaves the live lists at once, then records when the VM was last seen.
 async fn finish(context: &Context, session: Session) {
     tracing::debug!("disconnected");
-    context.sessions.close(session).await;
+    context.sessions.close(session);
 }

@@ -9,19 +9,19 @@
 //! and [`Sessions::close`] removes its row.
 //!
 //! Writes that must be visible to other instances before the client hears
-//! back (register, authenticate, logout) are made before the reply. A
-//! connection's opening is written in the background, so that `ping` never
-//! waits for the database. A write that fails marks the instance "dirty", and
-//! the presence loop ([`crate::presence`]) writes the whole set again once the
-//! database answers.
+//! back (register, authenticate, logout) are made before the reply.
+//! Connections opening and closing are queued for a writer task that writes
+//! them in batches (so that `ping` never waits for the database, and a storm
+//! of connections costs a few statements, not one each). A write that fails
+//! marks the instance "dirty", and the presence loop ([`crate::presence`])
+//! writes the whole set again once the database answers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::error::Result;
 use crate::events::{Event, Topic};
@@ -54,10 +54,24 @@ impl SessionInfo {
     }
 }
 
+/// A connection opened or closed, waiting to be written.
+#[derive(Debug)]
+pub(crate) enum Change {
+    Opened(SessionInfo),
+    Closed(SessionInfo),
+}
+
+/// How many opens and closes may wait for the writer; past that the
+/// instance is marked dirty and rewritten whole at the next renewal.
+const QUEUE: usize = 65_536;
+
 /// The sessions of this instance, and the way to everyone's.
 #[derive(Debug)]
 pub struct Sessions {
     store: Store,
+    changes: mpsc::Sender<Change>,
+    /// Taken by the writer task when a server starts.
+    pending: Mutex<Option<mpsc::Receiver<Change>>>,
     /// This instance's id in `instances`; 0 until it has joined.
     instance_id: AtomicI64,
     next_id: AtomicU64,
@@ -68,8 +82,11 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new(store: Store) -> Sessions {
+        let (changes, pending) = mpsc::channel(QUEUE);
         Sessions {
             store,
+            changes,
+            pending: Mutex::new(Some(pending)),
             instance_id: AtomicI64::new(0),
             next_id: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
@@ -93,6 +110,24 @@ impl Sessions {
         self.dirty.swap(false, Ordering::AcqRel)
     }
 
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The queue of opens and closes, for the one writer task.
+    pub(crate) fn take_changes(&self) -> Option<mpsc::Receiver<Change>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
+    fn queue(&self, change: Change) {
+        if self.changes.try_send(change).is_err() {
+            self.mark_dirty();
+        }
+    }
+
     /// Opens a session for a new connection. Its row is written in the
     /// background.
     pub fn open(self: &Arc<Self>, peer: SocketAddr) -> Session {
@@ -109,19 +144,12 @@ impl Sessions {
             version: 0,
         };
         self.lock().insert(id, info.clone());
-        let opening = (instance_id != 0).then(|| {
-            let sessions = Arc::clone(self);
-            let info = info.clone();
-            tokio::spawn(async move {
-                if sessions.store.put_session(&info).await.is_err() {
-                    sessions.mark_dirty();
-                }
-            })
-        });
+        if instance_id != 0 {
+            self.queue(Change::Opened(info.clone()));
+        }
         Session {
             info,
             sessions: Arc::clone(self),
-            opening,
             closed: false,
             watch: None,
         }
@@ -143,24 +171,14 @@ impl Sessions {
         Ok(all)
     }
 
-    /// Removes a session's row after its connection closed, and records its VM
-    /// as seen now. It has already left this instance's memory.
-    pub async fn close(&self, mut session: Session) {
+    /// Ends a session whose connection closed: it leaves this instance's
+    /// lists at once, and its row goes with the writer's next batch (which
+    /// also records its VM as seen now).
+    pub fn close(&self, mut session: Session) {
         session.closed = true;
         self.lock().remove(&session.info.id);
-        if let Some(opening) = session.opening.take() {
-            // The row must exist before it can be deleted, or it would outlive
-            // the connection.
-            let _ = opening.await;
-        }
-        let info = session.info.clone();
-        drop(session);
-        if info.instance_id == 0 {
-            return;
-        }
-        if let Err(err) = self.store.close_session(&info).await {
-            tracing::warn!(error = %err, "could not record the end of a session");
-            self.mark_dirty();
+        if session.info.instance_id != 0 {
+            self.queue(Change::Closed(session.info.clone()));
         }
     }
 
@@ -186,7 +204,6 @@ impl Sessions {
 pub struct Session {
     info: SessionInfo,
     sessions: Arc<Sessions>,
-    opening: Option<JoinHandle<()>>,
     closed: bool,
     watch: Option<Watch>,
 }

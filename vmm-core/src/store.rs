@@ -500,32 +500,62 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a closed session and records its VM as seen now, in one
-    /// statement.
-    pub async fn close_session(&self, session: &SessionInfo) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "WITH gone AS ( \
-                     DELETE FROM sessions WHERE instance_id = $1 AND session_id = $2 \
-                 ) \
-                 UPDATE vms SET last_seen_at = now() WHERE vm_id = $3",
-            )
-            .await?;
-        client
-            .execute(
-                &statement,
-                &[&session.instance_id, &session.db_id(), &session.vm_id],
-            )
-            .await?;
+    /// Writes connections opened and closed since the last batch: one
+    /// transaction of at most two statements, however many there are.
+    pub async fn write_sessions(
+        &self,
+        instance_id: i64,
+        opened: &[SessionInfo],
+        closed: &[SessionInfo],
+    ) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if !opened.is_empty() {
+            Self::upsert_sessions(&tx, instance_id, opened).await?;
+        }
+        if !closed.is_empty() {
+            let close = tx
+                .prepare_cached(
+                    "WITH gone AS ( \
+                         DELETE FROM sessions WHERE instance_id = $1 AND session_id = ANY($2) \
+                     ) \
+                     UPDATE vms SET last_seen_at = now() WHERE vm_id = ANY($3)",
+                )
+                .await?;
+            let ids: Vec<i64> = closed.iter().map(SessionInfo::db_id).collect();
+            let vms: Vec<&str> = closed.iter().filter_map(|s| s.vm_id.as_deref()).collect();
+            tx.execute(&close, &[&instance_id, &ids, &vms]).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
     /// Makes the stored sessions of one instance exactly `live`, after writes
     /// were lost (the database was unreachable, or the instance was reaped).
+    /// Sessions opened after `live` was taken (higher ids) are left alone.
     pub async fn reassert_sessions(&self, instance_id: i64, live: &[SessionInfo]) -> Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        Self::upsert_sessions(&tx, instance_id, live).await?;
+        let prune = tx
+            .prepare_cached(
+                "DELETE FROM sessions WHERE instance_id = $1 \
+                 AND session_id <= $3 AND NOT (session_id = ANY($2))",
+            )
+            .await?;
+        let ids: Vec<i64> = live.iter().map(SessionInfo::db_id).collect();
+        let newest = ids.iter().copied().max().unwrap_or(i64::MAX);
+        tx.execute(&prune, &[&instance_id, &ids, &newest]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes many sessions' states, each unless a newer one is stored.
+    async fn upsert_sessions(
+        tx: &deadpool_postgres::Transaction<'_>,
+        instance_id: i64,
+        sessions: &[SessionInfo],
+    ) -> Result<()> {
         let upsert = tx
             .prepare_cached(
                 "INSERT INTO sessions \
@@ -538,35 +568,20 @@ impl Store {
                  WHERE sessions.version < EXCLUDED.version",
             )
             .await?;
-        let ids: Vec<i64> = live.iter().map(SessionInfo::db_id).collect();
-        let peers: Vec<&str> = live.iter().map(|s| s.peer.as_str()).collect();
-        let connected: Vec<SystemTime> = live.iter().map(|s| s.connected_at.0).collect();
-        let vms: Vec<Option<&str>> = live.iter().map(|s| s.vm_id.as_deref()).collect();
-        let authenticated: Vec<Option<SystemTime>> = live
+        let ids: Vec<i64> = sessions.iter().map(SessionInfo::db_id).collect();
+        let peers: Vec<&str> = sessions.iter().map(|s| s.peer.as_str()).collect();
+        let connected: Vec<SystemTime> = sessions.iter().map(|s| s.connected_at.0).collect();
+        let vms: Vec<Option<&str>> = sessions.iter().map(|s| s.vm_id.as_deref()).collect();
+        let authenticated: Vec<Option<SystemTime>> = sessions
             .iter()
             .map(|s| s.authenticated_at.map(|t| t.0))
             .collect();
-        let versions: Vec<i64> = live.iter().map(|s| s.version).collect();
+        let versions: Vec<i64> = sessions.iter().map(|s| s.version).collect();
         tx.execute(
             &upsert,
-            &[
-                &instance_id,
-                &ids,
-                &peers,
-                &connected,
-                &vms,
-                &authenticated,
-                &versions,
-            ],
+            &[&instance_id, &ids, &peers, &connected, &vms, &authenticated, &versions],
         )
         .await?;
-        let prune = tx
-            .prepare_cached(
-                "DELETE FROM sessions WHERE instance_id = $1 AND NOT (session_id = ANY($2))",
-            )
-            .await?;
-        tx.execute(&prune, &[&instance_id, &ids]).await?;
-        tx.commit().await?;
         Ok(())
     }
 
