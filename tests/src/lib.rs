@@ -509,6 +509,21 @@ impl TestServer {
             .unwrap_or_else(|err| fail(format!("cannot connect to the test server: {err}")))
     }
 
+    /// A client connected as a newly registered VM `vm_id` (with no disks),
+    /// authenticated: an observer for the lists.
+    pub async fn session_as(&self, vm_id: &str) -> vmm_core::Client {
+        let mut client = self.client().await;
+        client
+            .register(&registration(vm_id, 64, Vec::new()))
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot register {vm_id}: {err}")));
+        client
+            .authenticate(vm_id, &password_for(vm_id))
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot authenticate {vm_id}: {err}")));
+        client
+    }
+
     pub async fn raw(&self) -> RawConn {
         RawConn::connect(self.addr).await
     }

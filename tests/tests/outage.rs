@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use vmm_tests::{DbProxy, Deadline, TestServer, err, ok, password_for, registration};
+use vmm_tests::{DbProxy, Deadline, TestServer, err, ok, password_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_reasserted_after_an_outage() {
@@ -17,15 +17,7 @@ async fn sessions_are_reasserted_after_an_outage() {
     let proxy = DbProxy::start(&a.db).await;
     let b = a.start_through(&proxy, short).await;
 
-    let mut observer = a.client().await;
-    observer
-        .register(&registration("observer", 64, vec![]))
-        .await
-        .unwrap();
-    observer
-        .authenticate("observer", &password_for("observer"))
-        .await
-        .unwrap();
+    let mut observer = a.session_as("observer").await;
     let mut far = b.raw().await;
     ok(&far.call(json!({"command": "register", "data": {"vm_id": "far", "ram": 1, "cpu": 1, "password": password_for("far")}})).await);
     ok(&far.call(json!({"command": "authenticate", "data": {"vm_id": "far", "password": password_for("far")}})).await);

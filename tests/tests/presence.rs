@@ -3,21 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use vmm_core::Client;
-use vmm_tests::{TestServer, password_for, registration};
-
-async fn authenticated(server: &TestServer, vm_id: &str) -> Client {
-    let mut client = server.client().await;
-    client
-        .register(&registration(vm_id, 256, vec![4]))
-        .await
-        .unwrap();
-    client
-        .authenticate(vm_id, &password_for(vm_id))
-        .await
-        .unwrap();
-    client
-}
+use vmm_tests::{TestServer, password_for};
 
 fn names_active(list: &[vmm_core::protocol::ActiveSession]) -> Vec<&str> {
     list.iter().filter_map(|s| s.vm_id.as_deref()).collect()
@@ -31,9 +17,9 @@ fn names_auth(list: &[vmm_core::protocol::AuthenticatedSession]) -> Vec<&str> {
 async fn a_vm_on_one_instance_shows_on_another() {
     let a = TestServer::start().await;
     let b = a.start_beside(|_| {}).await;
-    let mut observer = authenticated(&b, "observer").await;
+    let mut observer = b.session_as("observer").await;
 
-    let mut vm = authenticated(&a, "roamer").await;
+    let mut vm = a.session_as("roamer").await;
     // Read your writes: no waiting after the authenticate reply.
     let active = observer.list_active().await.unwrap();
     assert!(names_active(&active).contains(&"roamer"), "{active:?}");
@@ -78,8 +64,8 @@ async fn a_crashed_instance_vanishes_within_its_lease() {
     };
     let mut a = TestServer::start_with(short).await;
     let b = a.start_beside(short).await;
-    let mut observer = authenticated(&b, "observer").await;
-    let _vm = authenticated(&a, "doomed").await;
+    let mut observer = b.session_as("observer").await;
+    let _vm = a.session_as("doomed").await;
     assert!(names_auth(&observer.list_authenticated().await.unwrap()).contains(&"doomed"));
 
     let db = a.db.share();
@@ -143,11 +129,11 @@ async fn a_restarted_instance_shows_no_ghosts() {
     };
     let mut first = TestServer::start_with(slot).await;
     let first_instance = first.context.sessions.instance_id();
-    let _ghost = authenticated(&first, "ghost").await;
+    let _ghost = first.session_as("ghost").await;
     let mut anonymous = first.raw().await;
     anonymous.call(serde_json::json!({"command": "ping"})).await;
     let old_ids: Vec<u64> = {
-        let mut c = authenticated(&first, "witness").await;
+        let mut c = first.session_as("witness").await;
         c.list_active()
             .await
             .unwrap()

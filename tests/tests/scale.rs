@@ -14,15 +14,7 @@ async fn two_thousand_connections_listed_from_another_instance() {
     let a =
         TestServer::start_with(|config| config.idle_timeout = Some(Duration::from_secs(600))).await;
     let b = a.start_beside(|_| {}).await;
-    let mut observer = b.client().await;
-    observer
-        .register(&registration("observer", 64, vec![]))
-        .await
-        .unwrap();
-    observer
-        .authenticate("observer", &password_for("observer"))
-        .await
-        .unwrap();
+    let mut observer = b.session_as("observer").await;
     let mut pinger = a.raw().await;
 
     let mut open = Vec::with_capacity(CONNECTIONS);

@@ -26,15 +26,7 @@ async fn lists_follow_connections() {
         .unwrap();
     let mut anonymous = server.client().await;
     anonymous.ping().await.unwrap();
-    let mut operator = server.client().await;
-    operator
-        .register(&registration("op", 1024, vec![]))
-        .await
-        .unwrap();
-    operator
-        .authenticate("op", &password_for("op"))
-        .await
-        .unwrap();
+    let mut operator = server.session_as("op").await;
 
     let active = operator.list_active().await.unwrap();
     assert_eq!(active.len(), 4);
@@ -112,13 +104,7 @@ async fn lists_follow_connections() {
 #[tokio::test]
 async fn last_seen_at_is_recorded_on_disconnect() {
     let server = TestServer::start().await;
-    let mut vm = server.client().await;
-    vm.register(&registration("seen", 1024, vec![]))
-        .await
-        .unwrap();
-    vm.authenticate("seen", &password_for("seen"))
-        .await
-        .unwrap();
+    let mut vm = server.session_as("seen").await;
     let db = server.db.connect().await;
     let before: std::time::SystemTime = db
         .query_one("SELECT last_seen_at FROM vms WHERE vm_id = 'seen'", &[])
