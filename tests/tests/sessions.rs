@@ -104,7 +104,7 @@ async fn lists_follow_connections() {
 #[tokio::test]
 async fn last_seen_at_is_recorded_on_disconnect() {
     let server = TestServer::start().await;
-    let mut vm = server.session_as("seen").await;
+    let vm = server.session_as("seen").await;
     let db = server.db.connect().await;
     let before: std::time::SystemTime = db
         .query_one("SELECT last_seen_at FROM vms WHERE vm_id = 'seen'", &[])
