@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::net::TcpStream;
-use vmm_tests::{Deadline, TestServer, eventually, ok, password_for, registration};
+use vmm_tests::{Deadline, TestServer, eventually, ok};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_connections_listed_from_another_instance() {
