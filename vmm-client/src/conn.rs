@@ -284,7 +284,7 @@ impl Conn {
             let line = if i == 0 {
                 self.client.send_raw(text).await
             } else {
-                self.client.read_line().await
+                self.client.read_reply().await
             };
             let line = line.map_err(|err| self.lost(err))?;
             out::line(&line);
