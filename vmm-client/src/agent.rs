@@ -51,6 +51,7 @@ use vmm_core::{Client, ErrorCode};
 use crate::conn::{Failure, describe};
 use crate::parse_secs;
 use crate::password::{ENV as PASSWORD_ENV, chomp};
+use crate::signals::Signals;
 
 /// How long connecting, or any one request, may take before the connection
 /// counts as lost.
@@ -464,50 +465,6 @@ fn timed_out() -> ClientError {
         io::ErrorKind::TimedOut,
         format!("no reply within {}", secs(REPLY_TIMEOUT)),
     ))
-}
-
-#[cfg(unix)]
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-}
-
-#[cfg(unix)]
-impl Signals {
-    fn install() -> io::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-        })
-    }
-
-    /// The next SIGINT or SIGTERM.
-    async fn recv(&mut self) -> &'static str {
-        // `None` means no more signals will come: wait forever then.
-        tokio::select! {
-            Some(()) = self.interrupt.recv() => "SIGINT",
-            Some(()) = self.terminate.recv() => "SIGTERM",
-            else => std::future::pending().await,
-        }
-    }
-}
-
-#[cfg(not(unix))]
-struct Signals;
-
-#[cfg(not(unix))]
-impl Signals {
-    fn install() -> io::Result<Signals> {
-        Ok(Signals)
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        match tokio::signal::ctrl_c().await {
-            Ok(()) => "Ctrl-C",
-            Err(_) => std::future::pending().await,
-        }
-    }
 }
 
 #[cfg(test)]

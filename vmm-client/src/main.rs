@@ -22,6 +22,7 @@ mod out;
 mod password;
 mod render;
 mod shell;
+mod signals;
 
 use std::process::ExitCode;
 use std::time::Duration;
