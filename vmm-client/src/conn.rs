@@ -13,6 +13,7 @@ use vmm_core::connection::FrameDecoder;
 use vmm_core::protocol::ListType;
 use vmm_core::{Client, Data, ErrorCode, Reply, Request};
 
+use crate::events::EventPrinter;
 use crate::{out, render};
 
 /// How long connecting may take before it counts as "cannot connect".
@@ -82,15 +83,28 @@ pub fn describe(err: &io::Error) -> String {
     }
 }
 
+/// Sleeps until `at`; forever for `None` (for a keepalive that is off).
+pub async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One request the client knows how to build and show the answer of.
 #[derive(Debug, Clone)]
 pub enum Op {
     Ping,
     Register(Registration),
-    Authenticate { vm_id: String, password: String },
+    Authenticate {
+        vm_id: String,
+        password: String,
+    },
     List(ListType),
     Update(Update),
     Logout,
+    /// `watch` with these topics; none: every topic.
+    Watch(Vec<String>),
     Help,
 }
 
@@ -103,6 +117,7 @@ impl Op {
             Op::List(_) => "list",
             Op::Update(_) => "update",
             Op::Logout => "logout",
+            Op::Watch(_) => "watch",
             Op::Help => "help",
         }
     }
@@ -110,6 +125,8 @@ impl Op {
     fn data(&self) -> Value {
         match self {
             Op::Ping | Op::Logout | Op::Help => json!({}),
+            Op::Watch(topics) if topics.is_empty() => json!({}),
+            Op::Watch(topics) => json!({"topics": topics}),
             Op::Register(registration) => registration.to_data(),
             Op::Authenticate { vm_id, password } => {
                 json!({"vm_id": vm_id, "password": password})
@@ -158,12 +175,18 @@ pub fn replies_expected(text: &str) -> Result<usize, Failure> {
     Ok(count)
 }
 
-/// A connection, with the address it was opened to and how to print replies.
+/// A connection, with the address it was opened to and how to print replies
+/// and events.
+///
+/// Once the connection watches, event lines may come before any reply. Every
+/// reply is read with [`Client::read_reply`], which keeps those for later, and
+/// they are printed before what the reply prints, in the order they came.
 #[derive(Debug)]
 pub struct Conn {
     client: Client,
     addr: String,
     json: bool,
+    events: EventPrinter,
     /// When a request was last sent: the start of the current idle time.
     last_sent: Instant,
 }
@@ -180,6 +203,7 @@ impl Conn {
             client,
             addr: addr.to_owned(),
             json,
+            events: EventPrinter::new(json),
             last_sent: Instant::now(),
         })
     }
@@ -188,20 +212,45 @@ impl Conn {
         &self.addr
     }
 
+    /// Prints the events that came while replies were awaited.
+    pub fn show_events(&mut self) {
+        for line in self.client.take_events() {
+            self.events.print(&line);
+        }
+    }
+
+    /// Waits for the next event (after `watch`) and prints it. Only for when
+    /// no request is pending; a lost connection is a failure. Dropping it
+    /// while it waits may lose a line that had half arrived (see
+    /// [`Client::next_event`]).
+    pub async fn show_next_event(&mut self) -> Result<(), Failure> {
+        self.show_events();
+        match self.client.next_event().await {
+            Ok(line) => {
+                self.events.print(&line);
+                Ok(())
+            }
+            Err(err) => Err(self.lost(err)),
+        }
+    }
+
     /// When the connection will have been idle (sent nothing) for `idle`.
     pub fn idle_until(&self, idle: Duration) -> Instant {
         self.last_sent + idle
     }
 
     /// Sends a `ping` to keep an idle connection open and reads its reply,
-    /// printing nothing. Only a lost connection (or a reply that is not a
-    /// reply, or none within [`KEEPALIVE_REPLY_TIMEOUT`]) is a failure; a
-    /// ping cannot meaningfully fail otherwise.
+    /// printing nothing but the events that came meanwhile. Only a lost
+    /// connection (or a reply that is not a reply, or none within
+    /// [`KEEPALIVE_REPLY_TIMEOUT`]) is a failure; a ping cannot meaningfully
+    /// fail otherwise.
     pub async fn keepalive(&mut self) -> Result<(), Failure> {
         self.last_sent = Instant::now();
         let request = Op::Ping.to_text();
         let ping = self.client.send_raw(&request);
-        let line = match tokio::time::timeout(KEEPALIVE_REPLY_TIMEOUT, ping).await {
+        let read = tokio::time::timeout(KEEPALIVE_REPLY_TIMEOUT, ping).await;
+        self.show_events();
+        let line = match read {
             Ok(Ok(line)) => line,
             Ok(Err(err)) => return Err(self.lost(err)),
             Err(_) => {
@@ -254,7 +303,9 @@ impl Conn {
 
     async fn exchange(&mut self, op: &Op, show: bool) -> Result<Reply, Failure> {
         self.last_sent = Instant::now();
-        let line = match self.client.send_raw(&op.to_text()).await {
+        let sent = self.client.send_raw(&op.to_text()).await;
+        self.show_events();
+        let line = match sent {
             Ok(line) => line,
             Err(err) => return Err(self.lost(err)),
         };
@@ -274,8 +325,9 @@ impl Conn {
         Ok(reply)
     }
 
-    /// Sends `text` exactly as given and prints every reply line verbatim.
-    /// Returns the decoded replies, in order.
+    /// Sends `text` exactly as given and prints every reply line verbatim
+    /// (and the events that come between them). Returns the decoded replies,
+    /// in order.
     pub async fn raw(&mut self, text: &str) -> Result<Vec<Reply>, Failure> {
         let expected = replies_expected(text)?;
         self.last_sent = Instant::now();
@@ -286,6 +338,7 @@ impl Conn {
             } else {
                 self.client.read_reply().await
             };
+            self.show_events();
             let line = line.map_err(|err| self.lost(err))?;
             out::line(&line);
             replies.push(self.parse(&line)?);

@@ -6,23 +6,30 @@
 //! and message lines; `--json` prints the server's reply lines verbatim for
 //! scripts. All I/O goes through [`vmm_core::Client`].
 //!
+//! `vmm-client watch` authenticates, sends `watch`, and then prints change
+//! events as they arrive until SIGINT or SIGTERM.
+//!
 //! `vmm-client agent` is different: it runs on a VM and keeps it
 //! authenticated, reconnecting when the connection is lost, until SIGINT or
 //! SIGTERM.
 //!
 //! The modules: `main` parses the arguments and dispatches, `conn` runs
 //! requests over one connection and defines the exit codes, `render` draws
-//! tables, `password` finds a one-shot command's password, `shell` is the
-//! interactive shell and `input` its blocking input thread, `agent` the agent.
+//! tables, `events` prints change events, `password` finds a one-shot
+//! command's password, `shell` is the interactive shell and `input` its
+//! blocking input thread, `watch` the one-shot `watch`, `agent` the agent,
+//! and `signals` waits for SIGINT and SIGTERM for the last two.
 
 mod agent;
 mod conn;
+mod events;
 mod input;
 mod out;
 mod password;
 mod render;
 mod shell;
 mod signals;
+mod watch;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,7 +46,8 @@ const LONG_ABOUT: &str = "\
 Command-line client and interactive shell for the vmm server.
 
 With a subcommand, runs that one command and exits. Commands that need a
-session (list, update, logout) authenticate first on the same connection.
+session (list, update, logout, watch) authenticate first on the same
+connection.
 Passwords come from --password-stdin, else $VMM_PASSWORD, else a prompt
 without echo on the terminal; never from a command-line argument.
 
@@ -50,6 +58,11 @@ prints no prompts, and exits 0 at the end of the input even if some commands
 got error replies (like redis-cli); only a lost connection (3) changes that.
 The shell pings the server whenever its connection has been idle for
 --keepalive seconds, so that the server's idle timeout does not close it.
+
+`watch` prints change events (VMs registered and updated, connections
+opened, authenticated, logged out and closed, instances lost) one line each
+as they happen, until SIGINT or SIGTERM (exit 0) or a lost connection
+(exit 3); it pings like the shell.
 
 `agent` runs on a VM: it registers the VM (with --ram and --cpu) and
 authenticates, pings every --ping-interval, reconnects with capped
@@ -63,6 +76,7 @@ Examples:
   vmm-client update --vm-id stalin --ram 2048 --cpu 8 --disk 1=150 --new-disk 50
   echo securePass123 | vmm-client --json logout --vm-id stalin --password-stdin
   vmm-client send '{\"command\": \"ping\", \"id\": 1}'
+  VMM_PASSWORD=securePass123 vmm-client watch --vm-id stalin --topics vms,sessions
   vmm-client --addr 10.0.0.5:8888 --keepalive 10
   printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client
   VMM_PASSWORD=securePass123 vmm-client agent --vm-id stalin --ram 512 --cpu 4 --disk 100
@@ -74,6 +88,7 @@ Exit codes:
   1  the server answered with an error reply (printed as `error: MESSAGE (CODE)`)
   2  usage error: bad arguments, or no password source
   3  cannot connect, the connection was lost, or the reply made no sense
+`watch` runs until SIGINT or SIGTERM, and then exits 0.
 The shell reading a script from stdin exits 0 at the end of the input even if
 some commands got error replies; only a lost connection makes it exit 3.";
 
@@ -100,9 +115,9 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Shell only: ping the server after SECS (fractions allowed) without
-    /// sending anything, so that its idle timeout keeps the connection open;
-    /// 0 never pings.
+    /// Shell and watch: ping the server after SECS (fractions allowed)
+    /// without sending anything, so that its idle timeout keeps the
+    /// connection open; 0 never pings.
     #[arg(
         long,
         env = "VMM_KEEPALIVE",
@@ -245,6 +260,17 @@ enum ClientCommand {
         login: Login,
     },
 
+    /// Print change events as they happen, until SIGINT or SIGTERM.
+    #[command(long_about = WATCH_ABOUT)]
+    Watch {
+        #[command(flatten)]
+        login: Login,
+
+        /// Only these topics, comma-separated (default: all of them).
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "TOPIC,...")]
+        topics: Vec<Topic>,
+    },
+
     /// Send TEXT exactly as given and print the reply line(s) verbatim.
     Send {
         /// The raw request, e.g. '{"command": "ping"}'.
@@ -253,6 +279,54 @@ enum ClientCommand {
 
     /// Show the commands the server understands.
     Help,
+}
+
+const WATCH_ABOUT: &str = "\
+Print change events as they happen, until SIGINT or SIGTERM.
+
+Authenticates as --vm-id, sends `watch`, then prints each event on one line
+as it arrives, flushing stdout after each:
+
+  18:40:00.123 vm_updated stalin ram=1024 cpu=4 disks=1:150G,2:250G
+  18:40:01.002 session_authenticated stalin session=4294967298 peer=127.0.0.1:50000
+  18:40:02.310 session_closed - session=4294967299 peer=127.0.0.1:50002
+  18:40:09.000 instance_lost instance=3 name=host:8888
+
+The time is the event's, in UTC; `-` is a connection not authenticated as
+any VM; an unknown event shows its name and data. With --json: the
+authenticate and watch reply lines, then each event line verbatim. Events
+come from changes made through any server instance, in the order they
+happened. A ping is sent whenever nothing was sent for --keepalive seconds,
+so that the server does not close the idle connection.
+
+Topics: vms (vm_registered, vm_updated), disks (the same events, which carry
+the disks), sessions (session_opened, session_authenticated,
+session_logged_out, session_closed, instance_lost).
+
+Exits 0 on SIGINT or SIGTERM, 1 when authentication or `watch` is refused,
+3 when the connection is lost (also when the server disconnects a watcher
+that falls too far behind).";
+
+/// A `watch` topic.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Topic {
+    /// vm_registered, vm_updated.
+    Vms,
+    /// session_opened, session_authenticated, session_logged_out,
+    /// session_closed, instance_lost.
+    Sessions,
+    /// vm_registered, vm_updated (they carry the VM's disks).
+    Disks,
+}
+
+impl Topic {
+    fn name(self) -> &'static str {
+        match self {
+            Topic::Vms => "vms",
+            Topic::Sessions => "sessions",
+            Topic::Disks => "disks",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -319,7 +393,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         None => shell::run(&cli.addr, cli.json, unless_zero(cli.keepalive)).await,
         Some(Command::Agent(args)) => return agent::run(&cli.addr, args).await,
-        Some(Command::Client(command)) => one_shot(&cli.addr, cli.json, command).await,
+        Some(Command::Client(command)) => {
+            let keepalive = unless_zero(cli.keepalive);
+            one_shot(&cli.addr, cli.json, keepalive, command).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -330,7 +407,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn one_shot(addr: &str, json: bool, command: ClientCommand) -> Result<(), Failure> {
+/// Runs a subcommand other than `agent`; `keepalive` is for `watch`.
+async fn one_shot(
+    addr: &str,
+    json: bool,
+    keepalive: Option<Duration>,
+    command: ClientCommand,
+) -> Result<(), Failure> {
     match command {
         ClientCommand::Ping => simple(addr, json, Op::Ping).await,
         ClientCommand::Help => simple(addr, json, Op::Help).await,
@@ -377,6 +460,14 @@ async fn one_shot(addr: &str, json: bool, command: ClientCommand) -> Result<(), 
             authenticated(addr, json, login, Op::Update(update)).await
         }
         ClientCommand::Logout { login } => authenticated(addr, json, login, Op::Logout).await,
+        ClientCommand::Watch { login, topics } => {
+            let watch = watch::Watch {
+                vm_id: login.vm_id,
+                password_stdin: login.password_stdin,
+                topics: topics.iter().map(|topic| topic.name().to_owned()).collect(),
+            };
+            watch::run(addr, json, keepalive, watch).await
+        }
         ClientCommand::Send { text } => {
             conn::replies_expected(&text)?;
             let mut conn = Conn::connect(addr, json).await?;
