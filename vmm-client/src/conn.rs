@@ -105,6 +105,7 @@ pub enum Op {
     Logout,
     /// `watch` with these topics; none: every topic.
     Watch(Vec<String>),
+    Unwatch,
     Help,
 }
 
@@ -118,13 +119,14 @@ impl Op {
             Op::Update(_) => "update",
             Op::Logout => "logout",
             Op::Watch(_) => "watch",
+            Op::Unwatch => "unwatch",
             Op::Help => "help",
         }
     }
 
     fn data(&self) -> Value {
         match self {
-            Op::Ping | Op::Logout | Op::Help => json!({}),
+            Op::Ping | Op::Logout | Op::Unwatch | Op::Help => json!({}),
             Op::Watch(topics) if topics.is_empty() => json!({}),
             Op::Watch(topics) => json!({"topics": topics}),
             Op::Register(registration) => registration.to_data(),
@@ -210,6 +212,11 @@ impl Conn {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Prints events through the shell's line editor from now on.
+    pub fn use_terminal(&mut self, printer: crate::input::Printer) {
+        self.events.use_terminal(printer);
     }
 
     /// Prints the events that came while replies were awaited.

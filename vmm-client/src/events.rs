@@ -13,20 +13,42 @@
 //! know (or one whose data has another shape) shows its name and its `data`
 //! as compact JSON.
 
+use std::fmt;
+
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::input::Printer;
 use crate::out;
 
 /// Where event lines go, and in which format.
-#[derive(Debug)]
 pub struct EventPrinter {
     json: bool,
+    /// In the interactive shell on a terminal: prints above the line being
+    /// edited and redraws the prompt, instead of writing into it.
+    terminal: Option<Printer>,
+}
+
+impl fmt::Debug for EventPrinter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventPrinter")
+            .field("json", &self.json)
+            .field("terminal", &self.terminal.is_some())
+            .finish()
+    }
 }
 
 impl EventPrinter {
     pub fn new(json: bool) -> EventPrinter {
-        EventPrinter { json }
+        EventPrinter {
+            json,
+            terminal: None,
+        }
+    }
+
+    /// Prints through the line editor's printer from now on.
+    pub fn use_terminal(&mut self, printer: Printer) {
+        self.terminal = Some(printer);
     }
 
     /// Prints one event line (and flushes stdout).
@@ -36,6 +58,13 @@ impl EventPrinter {
         } else {
             human(line)
         };
+        if let Some(terminal) = &mut self.terminal {
+            if terminal.print(format!("{text}\n")).is_ok() {
+                return;
+            }
+            // The terminal is gone or was never usable: print plainly.
+            self.terminal = None;
+        }
         out::line(text);
     }
 }

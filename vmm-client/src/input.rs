@@ -5,14 +5,18 @@
 //! `$HOME/.vmm_history`) and passwords from rpassword (no echo). Otherwise
 //! lines are read plainly from stdin, no prompt is printed, and a password is
 //! simply the next line.
+//!
+//! On a terminal the line editor also provides a printer for what arrives
+//! while a line is being edited (change events after `watch`): it prints
+//! above the prompt and redraws the prompt and the half-typed line.
 
 use std::io::{self, BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread;
 
-use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
+use rustyline::{DefaultEditor, ExternalPrinter};
 use tokio::sync::oneshot;
 
 use crate::password::chomp;
@@ -40,11 +44,23 @@ pub enum Read {
 
 type Reply = oneshot::Sender<io::Result<Read>>;
 
-#[derive(Debug)]
+/// Prints above the line being edited; see [`Input::printer`].
+pub type Printer = Box<dyn ExternalPrinter + Send>;
+
 pub struct Input {
     asks: Option<mpsc::Sender<(Ask, Reply)>>,
     thread: Option<thread::JoinHandle<()>>,
     interactive: bool,
+    printer: Option<Printer>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Input")
+            .field("interactive", &self.interactive)
+            .field("printer", &self.printer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Input {
@@ -52,19 +68,29 @@ impl Input {
     pub fn start() -> Input {
         let interactive = io::stdin().is_terminal();
         let (asks, receiver) = mpsc::channel::<(Ask, Reply)>();
+        let (printer_sender, printer) = mpsc::channel::<Option<Printer>>();
         let thread = thread::spawn(move || {
             let mut source = Source::new(interactive);
+            let _ = printer_sender.send(source.printer());
             while let Ok((ask, reply)) = receiver.recv() {
                 // The shell may have stopped waiting; nothing to do then.
                 let _ = reply.send(source.read(ask));
             }
             source.finish();
         });
+        // Only waits for the line editor to be set up.
+        let printer = printer.recv().ok().flatten();
         Input {
             asks: Some(asks),
             thread: Some(thread),
             interactive,
+            printer,
         }
+    }
+
+    /// The line editor's printer, when stdin and stdout are a terminal (once).
+    pub fn printer(&mut self) -> Option<Printer> {
+        self.printer.take()
     }
 
     /// Whether input comes from a person at a terminal.
@@ -123,6 +149,16 @@ impl Source {
             Box::new(editor)
         });
         Source::Terminal(editor, history)
+    }
+
+    fn printer(&mut self) -> Option<Printer> {
+        match self {
+            Source::Terminal(Some(editor), _) => editor
+                .create_external_printer()
+                .ok()
+                .map(|printer| Box::new(printer) as Printer),
+            _ => None,
+        }
     }
 
     fn read(&mut self, ask: Ask) -> io::Result<Read> {

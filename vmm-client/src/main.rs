@@ -62,7 +62,8 @@ The shell pings the server whenever its connection has been idle for
 `watch` prints change events (VMs registered and updated, connections
 opened, authenticated, logged out and closed, instances lost) one line each
 as they happen, until SIGINT or SIGTERM (exit 0) or a lost connection
-(exit 3); it pings like the shell.
+(exit 3); it pings like the shell. In the shell, `watch` and `unwatch` turn
+the same events on and off between commands.
 
 `agent` runs on a VM: it registers the VM (with --ram and --cpu) and
 authenticates, pings every --ping-interval, reconnects with capped

@@ -9,6 +9,11 @@
 //! meanwhile, so neither the prompt nor a half-typed line is disturbed; a
 //! ping that finds the connection lost ends the shell like any lost
 //! connection (exit 3).
+//!
+//! Events: after `watch`, change events are printed as they arrive while the
+//! shell waits for input (on a terminal, above the prompt, which is then
+//! redrawn), and those that arrive while a command waits for its reply are
+//! printed before what the reply prints. `unwatch` (or `logout`) stops them.
 
 use std::future::Future;
 use std::io;
@@ -19,7 +24,7 @@ use serde_json::Value;
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::conn::{Conn, Failure, Op};
+use crate::conn::{Conn, Failure, Op, sleep_until};
 use crate::input::{Input, Read};
 use crate::out;
 
@@ -39,6 +44,11 @@ for, without echo on a terminal, and read as the next line when piped):
                                         ID=SIZE (resize disk ID) or +SIZE (new
                                         disk); RAM or CPU `-` leaves it as is
   logout                                end this connection's authentication
+                                        (and stop watching)
+  watch [TOPIC...]                      print change events as they happen, also
+                                        while waiting for input; TOPIC is vms,
+                                        sessions or disks (default: all)
+  unwatch                               stop printing change events
   {...}                                 send a raw JSON request, print the reply
   help                                  this help, then the server's commands
   quit, exit, Ctrl-D                    leave";
@@ -74,8 +84,11 @@ fn usage(message: impl Into<String>) -> Abort {
 /// Runs the shell until `quit`, the end of the input, or a lost connection.
 /// `keepalive`: ping after this long without sending anything (`None`: never).
 pub async fn run(addr: &str, json: bool, keepalive: Option<Duration>) -> Result<(), Failure> {
-    let conn = Conn::connect(addr, json).await?;
-    let input = Input::start();
+    let mut conn = Conn::connect(addr, json).await?;
+    let mut input = Input::start();
+    if let Some(printer) = input.printer() {
+        conn.use_terminal(printer);
+    }
     if input.interactive() {
         eprintln!("connected to {addr}; type `help` for the commands, `quit` to leave");
     }
@@ -85,6 +98,7 @@ pub async fn run(addr: &str, json: bool, keepalive: Option<Duration>) -> Result<
         json,
         keepalive,
         vm: None,
+        watching: false,
     };
     let result = shell.repl().await;
     shell.input.finish().await;
@@ -98,6 +112,9 @@ struct Shell {
     keepalive: Option<Duration>,
     /// The VM this connection is authenticated as, for the prompt.
     vm: Option<String>,
+    /// Whether `watch` succeeded (and no `unwatch` or `logout` since): then
+    /// events are printed while the shell waits for input.
+    watching: bool,
 }
 
 impl Shell {
@@ -111,7 +128,13 @@ impl Shell {
     async fn repl(&mut self) -> Result<(), Failure> {
         loop {
             let prompt = self.prompt();
-            let read = waiting(&mut self.conn, self.keepalive, self.input.command(&prompt)).await?;
+            let read = waiting(
+                &mut self.conn,
+                self.keepalive,
+                self.watching,
+                self.input.command(&prompt),
+            )
+            .await?;
             let line = match read {
                 Ok(Read::Line(line)) => line,
                 Ok(Read::Interrupted) => continue,
@@ -208,6 +231,23 @@ impl Shell {
                 no_args(&args)?;
                 self.conn.run(&Op::Logout).await?;
                 self.vm = None;
+                self.watching = false;
+            }
+            "watch" => {
+                // `watch vms sessions` and `watch vms,sessions` alike.
+                let topics = args
+                    .iter()
+                    .flat_map(|arg| arg.split(','))
+                    .filter(|topic| !topic.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                self.conn.run(&Op::Watch(topics)).await?;
+                self.watching = true;
+            }
+            "unwatch" => {
+                no_args(&args)?;
+                self.conn.run(&Op::Unwatch).await?;
+                self.watching = false;
             }
             _ => {
                 return Err(usage(format!(
@@ -218,7 +258,8 @@ impl Shell {
         Ok(Flow::Continue)
     }
 
-    /// Sends a raw line; keeps the prompt right when it authenticates or logs out.
+    /// Sends a raw line; keeps the prompt right when it authenticates or logs
+    /// out, and notes when it starts or stops watching.
     async fn raw(&mut self, text: &str) -> Result<(), Abort> {
         let replies = self.conn.raw(text).await?;
         for reply in &replies {
@@ -231,7 +272,12 @@ impl Shell {
         {
             match request.get("command").and_then(Value::as_str) {
                 Some("authenticate") => self.vm = authenticated_vm(reply),
-                Some("logout") => self.vm = None,
+                Some("logout") => {
+                    self.vm = None;
+                    self.watching = false;
+                }
+                Some("watch") => self.watching = true,
+                Some("unwatch") => self.watching = false,
                 _ => {}
             }
         }
@@ -322,14 +368,26 @@ impl Shell {
 
     /// The answer to a question, trimmed.
     async fn ask(&mut self, prompt: &str) -> Result<String, Abort> {
-        let read = waiting(&mut self.conn, self.keepalive, self.input.answer(prompt)).await?;
+        let read = waiting(
+            &mut self.conn,
+            self.keepalive,
+            self.watching,
+            self.input.answer(prompt),
+        )
+        .await?;
         self.answered(read).map(|answer| answer.trim().to_owned())
     }
 
     /// A password, as typed (only the line ending is removed).
     async fn password(&mut self, vm_id: &str) -> Result<String, Abort> {
         let prompt = format!("password for {vm_id}: ");
-        let read = waiting(&mut self.conn, self.keepalive, self.input.password(&prompt)).await?;
+        let read = waiting(
+            &mut self.conn,
+            self.keepalive,
+            self.watching,
+            self.input.password(&prompt),
+        )
+        .await?;
         self.answered(read)
     }
 
@@ -345,22 +403,23 @@ impl Shell {
 }
 
 /// Waits for `read` (an answer from the input thread), meanwhile sending a
-/// keepalive ping over `conn` each time it has been idle for `keepalive`.
-/// `read` is polled across the pings, never dropped, so no input is lost.
+/// keepalive ping over `conn` each time it has been idle for `keepalive`,
+/// and, when `watching`, printing events as they arrive. `read` is polled
+/// across the pings and events, never dropped, so no input is lost.
 async fn waiting<T>(
     conn: &mut Conn,
     keepalive: Option<Duration>,
+    watching: bool,
     read: impl Future<Output = T>,
 ) -> Result<T, Failure> {
-    let Some(idle) = keepalive else {
-        return Ok(read.await);
-    };
     let mut read = std::pin::pin!(read);
     loop {
+        let ping_at = keepalive.map(|idle| conn.idle_until(idle));
         tokio::select! {
             biased;
             value = &mut read => return Ok(value),
-            () = tokio::time::sleep_until(conn.idle_until(idle)) => conn.keepalive().await?,
+            () = sleep_until(ping_at) => conn.keepalive().await?,
+            shown = conn.show_next_event(), if watching => shown?,
         }
     }
 }

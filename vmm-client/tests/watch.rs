@@ -1,4 +1,4 @@
-//! `vmm-client watch` against a live server: events
+//! `vmm-client watch` and the shell's `watch` against a live server: events
 //! are printed as they happen, in order, in either format; SIGTERM ends the
 //! one-shot command with 0, a lost connection with 3, and keepalive pings
 //! hold an idle watcher's connection open.
@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::task::JoinHandle;
 use vmm_core::client::Update;
@@ -78,6 +78,14 @@ impl Running {
             self.lines().into_iter().find(|line| check(line))
         })
         .await
+    }
+
+    async fn write(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("a piped stdin");
+        stdin
+            .write_all(text.as_bytes())
+            .await
+            .expect("write to vmm-client");
     }
 
     fn terminate(&self) {
@@ -248,6 +256,39 @@ async fn human_watch_prints_one_readable_line_per_event() {
         closed.contains(" session=") && closed.contains(" peer=127.0.0.1:"),
         "{closed}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scripted_shell_prints_events_while_it_waits_for_input() {
+    let server = server_with_watcher(|_| {}).await;
+    // No keepalive: a ping's reply would bring queued events along, and the
+    // event must be printed without one.
+    let mut shell = Running::start(&server.addr.to_string(), &["--keepalive", "0"], None, true);
+    let password = password_for("watcher");
+    shell
+        .write(&format!("authenticate watcher\n{password}\nwatch vms\n"))
+        .await;
+    shell
+        .line_where("the watch message", |line| line == "watching vms")
+        .await;
+
+    // No more input comes until the event has been printed: the shell
+    // prints it while it waits.
+    server
+        .client()
+        .await
+        .register(&registration("late", 128, vec![]))
+        .await
+        .expect("register late");
+    shell
+        .line_where("vm_registered late", |line| {
+            line.contains("vm_registered late ")
+        })
+        .await;
+    shell.write("quit\n").await;
+    let (code, lines) = shell.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    assert!(!lines.iter().any(|line| line.contains(&password)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
