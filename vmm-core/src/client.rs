@@ -142,6 +142,9 @@ pub struct Client {
     writer: OwnedWriteHalf,
     /// Event lines (after `watch`) that arrived while a reply was awaited.
     events: VecDeque<String>,
+    /// The part of a line read so far: kept here, not in a local, so that a
+    /// read cancelled in a `select!` loses nothing.
+    partial: Vec<u8>,
 }
 
 /// Event lines have no `status` key; replies always do.
@@ -163,6 +166,7 @@ impl Client {
             reader: BufReader::new(reader),
             writer,
             events: VecDeque::new(),
+            partial: Vec::new(),
         })
     }
 
@@ -189,7 +193,7 @@ impl Client {
     }
 
     /// The next event line (after `watch`), waiting for it if none is kept.
-    /// Cancel safe only between lines: use it when no request is pending.
+    /// Cancel safe; use it when no request is pending.
     pub async fn next_event(&mut self) -> Result<String> {
         if let Some(event) = self.events.pop_front() {
             return Ok(event);
@@ -209,15 +213,20 @@ impl Client {
         self.events.drain(..).collect()
     }
 
-    /// Reads the next line the server sends, reply or event.
+    /// Reads the next line the server sends, reply or event, without its
+    /// newline. Cancel safe.
     pub async fn read_line(&mut self) -> Result<String> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).await? == 0 {
+        if self.reader.read_until(b'\n', &mut self.partial).await? == 0
+            || self.partial.last() != Some(&b'\n')
+        {
             return Err(ClientError::Closed);
         }
-        let trimmed = line.trim_end_matches(['\n', '\r']).len();
-        line.truncate(trimmed);
-        Ok(line)
+        let mut line = std::mem::take(&mut self.partial);
+        while matches!(line.last(), Some(b'\n' | b'\r')) {
+            line.pop();
+        }
+        String::from_utf8(line)
+            .map_err(|_| ClientError::Protocol("a line that is not UTF-8".into()))
     }
 
     /// Sends a request and returns the reply, success or error.

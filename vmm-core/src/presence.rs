@@ -113,7 +113,11 @@ pub(crate) fn write_behind(context: Arc<Context>) -> Option<AbortOnDrop> {
             let id = context.sessions.instance_id();
             opened.retain(|s| s.instance_id == id);
             closed.retain(|s| s.instance_id == id);
-            let written = context.sessions.store().write_sessions(id, &opened, &closed).await;
+            let written = context
+                .sessions
+                .store()
+                .write_sessions(id, &opened, &closed)
+                .await;
             if let Err(err) = written {
                 tracing::debug!(error = %err, "session writes lost; rewriting at the next renewal");
                 context.sessions.mark_dirty();

@@ -579,7 +579,15 @@ impl Store {
         let versions: Vec<i64> = sessions.iter().map(|s| s.version).collect();
         tx.execute(
             &upsert,
-            &[&instance_id, &ids, &peers, &connected, &vms, &authenticated, &versions],
+            &[
+                &instance_id,
+                &ids,
+                &peers,
+                &connected,
+                &vms,
+                &authenticated,
+                &versions,
+            ],
         )
         .await?;
         Ok(())
