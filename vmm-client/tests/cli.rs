@@ -40,7 +40,8 @@ async fn client(
     let mut child = command.spawn().expect("start vmm-client");
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(input.as_bytes()).await.unwrap();
+        // The client may exit before reading it all (it cannot connect, say).
+        let _ = pipe.write_all(input.as_bytes()).await;
         drop(pipe);
     }
     let out = tokio::time::timeout(vmm_tests::PATIENCE, child.wait_with_output())
