@@ -94,6 +94,7 @@ async fn register_all(
                             cpu: 2,
                             password: password_for(&vm_id),
                             disks: vec![10, 20],
+                            registration_secret: None,
                         })
                         .await
                         .expect("register");

@@ -761,6 +761,7 @@ pub fn registration(vm_id: &str, ram: u32, disks: Vec<u32>) -> vmm_core::client:
         cpu: 1,
         password: password_for(vm_id),
         disks,
+        registration_secret: None,
     }
 }
 

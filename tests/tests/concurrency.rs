@@ -27,6 +27,7 @@ async fn twenty_registrations_of_one_id_one_wins() {
                     cpu: 1,
                     password: password_for("contested"),
                     disks: vec![10; i % 4 + 1],
+                    registration_secret: None,
                 };
                 barrier.wait().await;
                 client.register(&registration).await.map(|vm| (i, vm))
@@ -90,6 +91,7 @@ async fn a_hundred_connections_do_everything_at_once() {
                         cpu: 1,
                         password: password_for(&vm_id),
                         disks: vec![8, 16],
+                        registration_secret: None,
                     })
                     .await
                     .expect("register");

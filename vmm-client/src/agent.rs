@@ -252,6 +252,7 @@ impl Agent {
                 cpu: *cpu,
                 password: self.password.0.clone(),
                 disks: disks.clone(),
+                registration_secret: crate::registration_secret(),
             };
             match stop.guarded(client.register(&registration)).await {
                 Ok(_) => self.log("registered"),

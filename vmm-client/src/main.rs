@@ -431,6 +431,7 @@ async fn one_shot(
                 cpu,
                 password,
                 disks,
+                registration_secret: crate::registration_secret(),
             };
             simple(addr, json, Op::Register(registration)).await
         }
@@ -493,6 +494,14 @@ async fn authenticated(addr: &str, json: bool, login: Login, op: Op) -> Result<(
     let mut conn = Conn::connect(addr, json).await?;
     conn.login(&login.vm_id, password).await?;
     conn.run(&op).await.map(drop)
+}
+
+/// The server's enrollment secret, for `register`: from
+/// `VMM_REGISTRATION_SECRET`, never from the command line.
+fn registration_secret() -> Option<String> {
+    std::env::var("VMM_REGISTRATION_SECRET")
+        .ok()
+        .filter(|secret| !secret.is_empty())
 }
 
 #[cfg(test)]

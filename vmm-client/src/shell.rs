@@ -313,6 +313,7 @@ impl Shell {
             cpu,
             password,
             disks,
+            registration_secret: crate::registration_secret(),
         }))
     }
 

@@ -70,6 +70,8 @@ pub struct Registration {
     pub password: String,
     /// Sizes in GiB.
     pub disks: Vec<u32>,
+    /// The server's enrollment secret, when it requires one.
+    pub registration_secret: Option<String>,
 }
 
 impl fmt::Debug for Registration {
@@ -80,6 +82,10 @@ impl fmt::Debug for Registration {
             .field("cpu", &self.cpu)
             .field("password", &"<hidden>")
             .field("disks", &self.disks)
+            .field(
+                "registration_secret",
+                &self.registration_secret.as_ref().map(|_| "<hidden>"),
+            )
             .finish()
     }
 }
@@ -92,13 +98,17 @@ impl Registration {
             .iter()
             .map(|size| json!({"disk_size": size}))
             .collect();
-        json!({
+        let mut data = json!({
             "vm_id": self.vm_id,
             "ram": self.ram,
             "cpu": self.cpu,
             "password": self.password,
             "disks": disks,
-        })
+        });
+        if let (Some(secret), Value::Object(map)) = (&self.registration_secret, &mut data) {
+            map.insert("registration_secret".into(), Value::String(secret.clone()));
+        }
+        data
     }
 }
 

@@ -20,6 +20,8 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// How long a shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// When set, `register` must carry it as `registration_secret`.
+    pub registration_secret: Option<String>,
     /// How many password hashes may run at once.
     pub hash_concurrency: usize,
     /// How long start-up waits for the database.
@@ -49,6 +51,7 @@ impl Default for Config {
             db_pool_size: 16,
             max_connections: 10_000,
             max_request_bytes: 65_536,
+            registration_secret: None,
             shutdown_grace: Duration::from_secs(5),
             hash_concurrency: std::thread::available_parallelism()
                 .map(usize::from)

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::protocol::{ErrorCode, Reply};
+use crate::protocol::{Data, ErrorCode, Reply};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
@@ -12,6 +12,9 @@ pub struct Error {
     /// Shown to the client. Never built from request values, so that it cannot
     /// leak a password.
     pub message: Cow<'static, str>,
+    /// The reply's `data`: `{}` but for the few errors that say more (such
+    /// as `retry_after_ms`).
+    pub data: Data,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,7 +24,12 @@ impl Error {
         Error {
             code,
             message: message.into(),
+            data: Data::new(),
         }
+    }
+
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Error {
+        Error::new(ErrorCode::Forbidden, message)
     }
 
     pub fn invalid_params(message: impl Into<Cow<'static, str>>) -> Error {
@@ -54,7 +62,9 @@ impl Error {
     }
 
     pub fn into_reply(self) -> Reply {
-        Reply::error(self.code, self.message)
+        let mut reply = Reply::error(self.code, self.message);
+        reply.data = self.data;
+        reply
     }
 }
 

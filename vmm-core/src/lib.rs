@@ -25,6 +25,7 @@
 //!   how instances see each other's sessions and notice each other's death.
 //! - [`store`]: the only module that talks to PostgreSQL, and the migrations.
 //! - [`password`]: argon2id hashing off the async threads, bounded.
+//! - [`secrets`]: constant-time comparison and digests of secrets.
 //! - [`context`]: what handlers share: [`Config`], store, sessions, hasher.
 //! - [`server`]: [`serve`], the accept loop with its connection limit and
 //!   graceful shutdown.
@@ -69,6 +70,7 @@ pub mod password;
 pub mod presence;
 pub mod protocol;
 pub mod registry;
+pub mod secrets;
 pub mod server;
 pub mod session;
 pub mod store;

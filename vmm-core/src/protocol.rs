@@ -97,10 +97,12 @@ pub enum ErrorCode {
     ServerBusy,
     Unavailable,
     Internal,
+    Forbidden,
+    TooManyAttempts,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::RequestTooLarge,
@@ -113,6 +115,8 @@ impl ErrorCode {
         ErrorCode::ServerBusy,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Forbidden,
+        ErrorCode::TooManyAttempts,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +133,8 @@ impl ErrorCode {
             ErrorCode::ServerBusy => "server_busy",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
         }
     }
 }

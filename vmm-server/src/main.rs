@@ -52,6 +52,12 @@ struct Args {
     #[arg(long, env = "VMM_INSTANCE_LEASE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     instance_lease: u64,
 
+    /// Enrollment secret: `register` must carry it as `registration_secret`.
+    /// Prefer the environment variable: command lines are visible to every
+    /// user of the machine.
+    #[arg(long, env = "VMM_REGISTRATION_SECRET", hide_env_values = true)]
+    registration_secret: Option<String>,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -75,6 +81,7 @@ async fn main() -> ExitCode {
         shutdown_grace: Duration::from_secs(5),
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         instance_lease: Duration::from_secs(args.instance_lease),
+        registration_secret: args.registration_secret.filter(|secret| !secret.is_empty()),
         presence_interval: (Duration::from_secs(args.instance_lease) / 5)
             .min(Duration::from_secs(2)),
         ..vmm_core::Config::default()

@@ -10,15 +10,17 @@
 //! ```
 //!
 //! A taken `vm_id` is `already_exists`, also when two registrations race.
+//! When the server has an enrollment secret (`--registration-secret`),
+//! `data.registration_secret` must equal it, else `forbidden`.
 
 use serde::Deserialize;
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::params;
 use crate::protocol::{Data, ErrorCode, limits};
 use crate::registry::{Command, HandlerFuture, Success};
 use crate::session::Session;
+use crate::{params, secrets};
 
 inventory::submit! {
     Command { name: "register", summary: "register a new VM with its RAM, CPUs, password and disks", handler }
@@ -33,6 +35,8 @@ struct Params {
     password: String,
     #[serde(default)]
     disks: Vec<NewDisk>,
+    /// The enrollment secret, when the server requires one.
+    registration_secret: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +55,15 @@ fn taken(vm_id: &str) -> Error {
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: Params = params::parse(data)?;
+        if let Some(expected) = &ctx.config.registration_secret {
+            let given = p.registration_secret.as_deref().unwrap_or_default();
+            if !secrets::same(given, expected) {
+                tracing::warn!("registration refused: wrong or missing enrollment secret");
+                return Err(Error::forbidden(
+                    "this server requires its enrollment secret (`registration_secret`) to register",
+                ));
+            }
+        }
         params::vm_id(&p.vm_id)?;
         let ram = params::ram(p.ram)?;
         let cpu = params::cpu(p.cpu)?;
