@@ -22,6 +22,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// When set, `register` must carry it as `registration_secret`.
     pub registration_secret: Option<String>,
+    /// argon2id cost of new password hashes; a login with a hash of other
+    /// costs re-hashes the password.
+    pub hash_cost: crate::password::HashCost,
     /// How many password hashes may run at once.
     pub hash_concurrency: usize,
     /// How long start-up waits for the database.
@@ -52,6 +55,7 @@ impl Default for Config {
             max_connections: 10_000,
             max_request_bytes: 65_536,
             registration_secret: None,
+            hash_cost: crate::password::HashCost::default(),
             shutdown_grace: Duration::from_secs(5),
             hash_concurrency: std::thread::available_parallelism()
                 .map(usize::from)
@@ -81,7 +85,8 @@ impl Context {
     pub fn new(config: Config) -> Result<Arc<Context>, SetupError> {
         let store = Store::new(&config.database_url, config.db_pool_size)?;
         Ok(Arc::new(Context {
-            passwords: Passwords::new(config.hash_concurrency),
+            passwords: Passwords::new(config.hash_concurrency, config.hash_cost)
+                .map_err(SetupError)?,
             events: crate::events::Events::default(),
             sessions: Arc::new(Sessions::new(store.clone())),
             store,

@@ -6,10 +6,49 @@
 //! instead of exhausting memory or starving other connections.
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::error::{Error, Result};
+
+/// argon2id cost parameters for new hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashCost {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for HashCost {
+    /// OWASP's recommendation for argon2id: 19 MiB, 2 iterations, 1 lane.
+    fn default() -> HashCost {
+        HashCost {
+            memory_kib: 19_456,
+            iterations: 2,
+            parallelism: 1,
+        }
+    }
+}
+
+impl HashCost {
+    /// The argon2 parameters, or why these are not valid.
+    pub fn params(&self) -> std::result::Result<Params, String> {
+        Params::new(self.memory_kib, self.iterations, self.parallelism, None)
+            .map_err(|err| format!("invalid argon2 parameters: {err}"))
+    }
+}
+
+/// The outcome of checking a password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// Wrong password, or no such VM.
+    No,
+    /// Right password, stored with the current parameters.
+    Yes,
+    /// Right password, stored with other parameters: here is a new hash
+    /// with the current ones, to store instead.
+    YesRehashed(String),
+}
 
 #[derive(Debug)]
 pub struct Passwords {
@@ -22,12 +61,12 @@ pub struct Passwords {
 
 impl Passwords {
     /// `concurrency` is the most hashes that run at once (at least one).
-    pub fn new(concurrency: usize) -> Passwords {
-        Passwords {
-            params: Params::default(),
+    pub fn new(concurrency: usize, cost: HashCost) -> std::result::Result<Passwords, String> {
+        Ok(Passwords {
+            params: cost.params()?,
             permits: Semaphore::new(concurrency.max(1)),
             dummy_hash: OnceCell::new(),
-        }
+        })
     }
 
     /// Hashes a password into an argon2id PHC string.
@@ -46,20 +85,41 @@ impl Passwords {
     }
 
     /// Checks a password against a stored PHC string, or against a dummy hash
-    /// when there is none, which always fails but costs the same.
-    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool> {
+    /// when there is none, which always fails but costs the same. A right
+    /// password stored with outdated parameters is hashed again.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<Verified> {
         let (hash, known) = match hash {
             Some(hash) => (hash, true),
             None => (self.dummy_hash().await?, false),
         };
-        let matches = self
-            .blocking(move || {
-                Ok(Argon2::default()
+        let current = self.params.clone();
+        self.blocking(move || {
+            if !(known
+                && Argon2::default()
                     .verify_password(password.as_bytes(), hash.as_str())
                     .is_ok())
-            })
-            .await?;
-        Ok(known && matches)
+            {
+                return Ok(Verified::No);
+            }
+            let outdated = PasswordHash::new(&hash)
+                .ok()
+                .and_then(|parsed| Params::try_from(&parsed).ok())
+                .is_none_or(|stored| {
+                    (stored.m_cost(), stored.t_cost(), stored.p_cost())
+                        != (current.m_cost(), current.t_cost(), current.p_cost())
+                });
+            if !outdated {
+                return Ok(Verified::Yes);
+            }
+            Argon2::new(Algorithm::Argon2id, Version::V0x13, current)
+                .hash_password(password.as_bytes())
+                .map(|hash| Verified::YesRehashed(hash.to_string()))
+                .map_err(|err| {
+                    tracing::error!(error = %err, "password re-hashing failed");
+                    Error::internal()
+                })
+        })
+        .await
     }
 
     async fn dummy_hash(&self) -> Result<String> {
@@ -90,26 +150,60 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn hashes_are_argon2id_and_verify() {
-        let passwords = Passwords::new(2);
+    async fn hashes_are_argon2id_verify_and_follow_new_parameters() {
+        let passwords = Passwords::new(2, HashCost::default()).unwrap();
         let hash = passwords.hash("securePass123".into()).await.unwrap();
         assert!(
             hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
             "{hash}"
         );
         assert!(!hash.contains("securePass123"));
-        assert!(
-            passwords
-                .verify("securePass123".into(), Some(hash.clone()))
-                .await
-                .unwrap()
+        let check = |password: &str, hash: Option<String>| passwords.verify(password.into(), hash);
+        assert_eq!(
+            check("securePass123", Some(hash.clone())).await.unwrap(),
+            Verified::Yes
         );
-        assert!(!passwords.verify("wrong".into(), Some(hash)).await.unwrap());
-        assert!(
-            !passwords
-                .verify("vmm dummy password".into(), None)
-                .await
-                .unwrap()
+        assert_eq!(
+            check("wrong", Some(hash.clone())).await.unwrap(),
+            Verified::No
         );
+        assert_eq!(
+            check("vmm dummy password", None).await.unwrap(),
+            Verified::No
+        );
+
+        // The same password under new parameters: verified, and re-hashed.
+        let cheaper = HashCost {
+            memory_kib: 8192,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let updated = Passwords::new(2, cheaper).unwrap();
+        let Verified::YesRehashed(new_hash) = updated
+            .verify("securePass123".into(), Some(hash.clone()))
+            .await
+            .unwrap()
+        else {
+            panic!("expected a re-hash");
+        };
+        assert!(
+            new_hash.starts_with("$argon2id$v=19$m=8192,t=1,p=1$"),
+            "{new_hash}"
+        );
+        let again = updated
+            .verify("securePass123".into(), Some(new_hash))
+            .await
+            .unwrap();
+        assert_eq!(again, Verified::Yes);
+        assert_eq!(
+            updated.verify("wrong".into(), Some(hash)).await.unwrap(),
+            Verified::No
+        );
+        let invalid = HashCost {
+            memory_kib: 1,
+            iterations: 1,
+            parallelism: 1,
+        };
+        assert!(Passwords::new(1, invalid).is_err());
     }
 }

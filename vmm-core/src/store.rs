@@ -260,6 +260,15 @@ impl Store {
         Ok(row.map(|row| row.get(0)))
     }
 
+    pub async fn set_password_hash(&self, vm_id: &str, hash: &str) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("UPDATE vms SET password_hash = $2 WHERE vm_id = $1")
+            .await?;
+        client.execute(&statement, &[&vm_id, &hash]).await?;
+        Ok(())
+    }
+
     /// Records that connections of these VMs are or were open just now.
     pub async fn touch(&self, vm_ids: &[&str]) -> Result<()> {
         if vm_ids.is_empty() {

@@ -58,6 +58,18 @@ struct Args {
     #[arg(long, env = "VMM_REGISTRATION_SECRET", hide_env_values = true)]
     registration_secret: Option<String>,
 
+    /// argon2id memory cost of new password hashes, in KiB.
+    #[arg(long, env = "VMM_ARGON2_MEMORY_KIB", default_value_t = 19_456)]
+    argon2_memory_kib: u32,
+
+    /// argon2id iterations of new password hashes.
+    #[arg(long, env = "VMM_ARGON2_ITERATIONS", default_value_t = 2)]
+    argon2_iterations: u32,
+
+    /// argon2id lanes of new password hashes.
+    #[arg(long, env = "VMM_ARGON2_PARALLELISM", default_value_t = 1)]
+    argon2_parallelism: u32,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -82,6 +94,11 @@ async fn main() -> ExitCode {
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         instance_lease: Duration::from_secs(args.instance_lease),
         registration_secret: args.registration_secret.filter(|secret| !secret.is_empty()),
+        hash_cost: vmm_core::password::HashCost {
+            memory_kib: args.argon2_memory_kib,
+            iterations: args.argon2_iterations,
+            parallelism: args.argon2_parallelism,
+        },
         presence_interval: (Duration::from_secs(args.instance_lease) / 5)
             .min(Duration::from_secs(2)),
         ..vmm_core::Config::default()

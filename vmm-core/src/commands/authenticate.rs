@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::context::Context;
 use crate::error::Error;
 use crate::params;
+use crate::password::Verified;
 use crate::protocol::Data;
 use crate::registry::{Command, HandlerFuture, Success};
 use crate::session::Session;
@@ -37,9 +38,16 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
         params::password(&p.password)?;
 
         let hash = ctx.store.password_hash(&p.vm_id).await?;
-        if !ctx.passwords.verify(p.password, hash).await? {
-            tracing::info!(vm_id = %p.vm_id, "authentication failed");
-            return Err(Error::invalid_credentials());
+        match ctx.passwords.verify(p.password, hash).await? {
+            Verified::No => {
+                tracing::info!(vm_id = %p.vm_id, "authentication failed");
+                return Err(Error::invalid_credentials());
+            }
+            Verified::Yes => {}
+            Verified::YesRehashed(hash) => {
+                ctx.store.set_password_hash(&p.vm_id, &hash).await?;
+                tracing::info!(vm_id = %p.vm_id, "password re-hashed with the current argon2 parameters");
+            }
         }
         // The VM this connection leaves (if it switches) was last seen now.
         let mut seen = vec![p.vm_id.as_str()];
