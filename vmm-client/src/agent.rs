@@ -327,11 +327,16 @@ impl Agent {
 }
 
 /// Error replies that say the server cannot work right now, rather than that
-/// the request is wrong.
+/// the request is wrong. `too_many_attempts` is among them: other clients'
+/// failures from the same address can block this one's logins for a while,
+/// and attempts while blocked cost nothing and count for nothing.
 fn retryable(code: ErrorCode) -> bool {
     matches!(
         code,
-        ErrorCode::Unavailable | ErrorCode::ServerBusy | ErrorCode::Internal
+        ErrorCode::Unavailable
+            | ErrorCode::ServerBusy
+            | ErrorCode::Internal
+            | ErrorCode::TooManyAttempts
     )
 }
 
@@ -513,6 +518,7 @@ mod tests {
     fn only_a_server_that_cannot_work_now_is_retried() {
         assert!(retryable(ErrorCode::Unavailable));
         assert!(retryable(ErrorCode::ServerBusy));
+        assert!(retryable(ErrorCode::TooManyAttempts));
         assert!(!retryable(ErrorCode::InvalidCredentials));
         assert!(!retryable(ErrorCode::InvalidParams));
     }

@@ -65,6 +65,11 @@ fn is_json_whitespace(byte: u8) -> bool {
     matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
 }
 
+/// A byte that ends a scalar (and is not part of it).
+fn ends_scalar(byte: u8) -> bool {
+    is_json_whitespace(byte) || matches!(byte, b'{' | b'}' | b'[' | b']' | b'"' | b',' | b':')
+}
+
 impl FrameDecoder {
     pub fn new(max_len: usize) -> FrameDecoder {
         FrameDecoder {
@@ -146,7 +151,10 @@ impl FrameDecoder {
             let byte = buf[self.scanned];
             let position = self.scanned;
             self.scanned += 1;
-            if self.scanned > self.max_len {
+            // The byte that ends a scalar is not part of it, so a scalar of
+            // exactly `max_len` bytes is not too large.
+            let ended = kind == Kind::Scalar && position > 0 && ends_scalar(byte);
+            if self.scanned > self.max_len && !ended {
                 // Report the overflow as a complete-but-too-long value so the
                 // caller answers `request_too_large` without buffering more.
                 return Some(self.scanned);
@@ -178,9 +186,7 @@ impl FrameDecoder {
                     _ => {}
                 },
                 Kind::Scalar => {
-                    let delimiter = is_json_whitespace(byte)
-                        || matches!(byte, b'{' | b'}' | b'[' | b']' | b'"' | b',' | b':');
-                    if position > 0 && delimiter {
+                    if ended {
                         self.scanned = position;
                         return Some(position);
                     }

@@ -25,6 +25,8 @@ pub struct Config {
     /// argon2id cost of new password hashes; a login with a hash of other
     /// costs re-hashes the password.
     pub hash_cost: crate::password::HashCost,
+    /// Failed-login throttling, per VM and per client address.
+    pub throttle: crate::store::Throttle,
     /// How many password hashes may run at once.
     pub hash_concurrency: usize,
     /// How long start-up waits for the database.
@@ -56,6 +58,7 @@ impl Default for Config {
             max_request_bytes: 65_536,
             registration_secret: None,
             hash_cost: crate::password::HashCost::default(),
+            throttle: crate::store::Throttle::default(),
             shutdown_grace: Duration::from_secs(5),
             hash_concurrency: std::thread::available_parallelism()
                 .map(usize::from)

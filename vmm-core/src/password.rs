@@ -7,6 +7,8 @@
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::error::{Error, Result};
@@ -54,6 +56,8 @@ pub enum Verified {
 pub struct Passwords {
     params: Params,
     permits: Semaphore,
+    /// Hashes computed so far (hashing and verifying alike).
+    runs: AtomicU64,
     /// Verified against when the VM does not exist, so that an unknown VM and
     /// a wrong password take the same time.
     dummy_hash: OnceCell<String>,
@@ -65,6 +69,7 @@ impl Passwords {
         Ok(Passwords {
             params: cost.params()?,
             permits: Semaphore::new(concurrency.max(1)),
+            runs: AtomicU64::new(0),
             dummy_hash: OnceCell::new(),
         })
     }
@@ -127,6 +132,12 @@ impl Passwords {
             .get_or_try_init(|| self.hash("vmm dummy password".to_owned()))
             .await
             .cloned()
+    }
+
+    /// How many hashes this instance has computed: a measure of the work
+    /// that logins and registrations cost it.
+    pub fn hashes_run(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(

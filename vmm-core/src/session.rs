@@ -228,6 +228,15 @@ impl Session {
         &self.info.peer
     }
 
+    /// The client's address without its port (the key of login throttling).
+    pub fn peer_ip(&self) -> String {
+        self.info
+            .peer
+            .parse::<SocketAddr>()
+            .map(|addr| addr.ip().to_string())
+            .unwrap_or_else(|_| self.info.peer.clone())
+    }
+
     pub fn info(&self) -> &SessionInfo {
         &self.info
     }

@@ -47,6 +47,38 @@ pub struct VmRecord {
     pub last_seen_at: Option<Timestamp>,
 }
 
+/// See [`Store::login_state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginState {
+    pub password_hash: Option<String>,
+    /// Set while one of the keys is blocked.
+    pub retry_after_ms: Option<i64>,
+    /// Whether the first key (the VM's) has failures on record.
+    pub has_failures: bool,
+}
+
+/// Login throttling: after `limit` failures of one key with no quiet
+/// `window` between them, the key is blocked for `base`, doubled with each
+/// further failure, at most `cap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttle {
+    pub limit: u32,
+    pub window: Duration,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Throttle {
+    fn default() -> Throttle {
+        Throttle {
+            limit: 5,
+            window: Duration::from_secs(5 * 60),
+            base: Duration::from_secs(30),
+            cap: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
 /// A change to one VM, already validated against the protocol's limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmUpdate {
@@ -258,6 +290,77 @@ impl Store {
             .await?;
         let row = client.query_opt(&statement, &[&vm_id]).await?;
         Ok(row.map(|row| row.get(0)))
+    }
+
+    /// What a login needs before checking the password, in one statement:
+    /// the VM's hash (if it exists), how long its keys are still blocked (if
+    /// they are), and whether the VM's key has failures on record.
+    pub async fn login_state(&self, vm_id: &str, keys: &[String]) -> Result<LoginState> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT (SELECT password_hash FROM vms WHERE vm_id = $1), \
+                        (SELECT ceil(extract(epoch FROM max(blocked_until) - now()) * 1000)::bigint \
+                           FROM login_failures WHERE key = ANY($2) AND blocked_until > now()), \
+                        EXISTS (SELECT 1 FROM login_failures WHERE key = $2[1])",
+            )
+            .await?;
+        let row = client.query_one(&statement, &[&vm_id, &keys]).await?;
+        Ok(LoginState {
+            password_hash: row.get(0),
+            retry_after_ms: row.get::<_, Option<i64>>(1).map(|ms| ms.max(1)),
+            has_failures: row.get(2),
+        })
+    }
+
+    /// Counts a failed login against each key, in one statement. A key's
+    /// count starts over once it has been quiet for `window` (and is not
+    /// blocked); from `limit` failures on, each failure blocks the key for
+    /// `base` doubled per further failure, at most `cap`.
+    pub async fn record_failure(&self, keys: &[String], throttle: &Throttle) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO login_failures AS f (key, failures, last_at, blocked_until) \
+                 SELECT k, 1, now(), CASE WHEN 1 >= $5::int THEN now() + $3::float8 * interval '1 second' END \
+                 FROM unnest($1::text[]) AS k \
+                 ON CONFLICT (key) DO UPDATE SET \
+                     failures = CASE WHEN f.last_at < now() - $2::float8 * interval '1 second' \
+                                      AND coalesce(f.blocked_until < now() - $2::float8 * interval '1 second', true) \
+                                     THEN 1 ELSE f.failures + 1 END, \
+                     last_at = now(), \
+                     blocked_until = CASE \
+                         WHEN (CASE WHEN f.last_at < now() - $2::float8 * interval '1 second' \
+                                     AND coalesce(f.blocked_until < now() - $2::float8 * interval '1 second', true) \
+                                    THEN 1 ELSE f.failures + 1 END) >= $5::int \
+                         THEN now() + LEAST($4::float8, $3::float8 * power(2, LEAST( \
+                             f.failures + 1 - $5::int, 30))) * interval '1 second' \
+                         ELSE f.blocked_until END",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &keys,
+                    &throttle.window.as_secs_f64(),
+                    &throttle.base.as_secs_f64(),
+                    &throttle.cap.as_secs_f64(),
+                    &i32::try_from(throttle.limit).unwrap_or(i32::MAX),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a key's failures (after a successful login).
+    pub async fn clear_failures(&self, key: &str) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("DELETE FROM login_failures WHERE key = $1")
+            .await?;
+        client.execute(&statement, &[&key]).await?;
+        Ok(())
     }
 
     pub async fn set_password_hash(&self, vm_id: &str, hash: &str) -> Result<()> {
