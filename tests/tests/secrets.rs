@@ -68,6 +68,28 @@ async fn no_reply_or_log_line_contains_a_password() {
     ))
     .await;
     replies.push_str(&conn.reply().await.to_string());
+    // Tokens: issued, used, resumed, revoked; never logged. (`conn` was
+    // closed by the oversized request.)
+    let mut conn = server.raw().await;
+    let login = conn
+        .call(json!({"command": "authenticate", "data": {"vm_id": "s1", "password": SECRET}}))
+        .await;
+    let token = login["data"]["token"].as_str().expect("a token").to_owned();
+    let mut other = server.raw().await;
+    for request in [
+        json!({"command": "authenticate", "data": {"vm_id": "s1", "token": token}}),
+        json!({"command": "list", "data": {"list_type": "all_vms", "token": token}}),
+        json!({"command": "list", "data": {"list_type": "all_vms", "token": format!("{token}x")}}),
+        json!({"command": "logout", "data": {"token": token}}),
+        json!({"command": "authenticate", "data": {"vm_id": "s1", "token": token}}),
+    ] {
+        let reply = other.call(request).await;
+        assert!(
+            !reply.to_string().contains(&token),
+            "a reply echoes the token: {reply}"
+        );
+    }
+    drop(other);
     drop(conn);
     server.shutdown().await;
 
@@ -78,6 +100,9 @@ async fn no_reply_or_log_line_contains_a_password() {
     );
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("authenticated"), "the log was captured");
-    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(SECRET)).collect();
+    let leaks: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(SECRET) || l.contains(&token))
+        .collect();
     assert!(leaks.is_empty(), "log lines hold the password: {leaks:#?}");
 }

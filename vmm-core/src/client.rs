@@ -296,6 +296,32 @@ impl Client {
         self.request("authenticate", data, "vm").await
     }
 
+    /// Authenticates with the password and returns the session token too,
+    /// for [`Client::resume`] after a reconnect.
+    pub async fn login(&mut self, vm_id: &str, password: &str) -> Result<(VmView, String)> {
+        let data = json!({"vm_id": vm_id, "password": password});
+        let reply = self.call("authenticate", data).await?;
+        if !reply.is_success() {
+            return Err(ClientError::Server {
+                code: reply.code.unwrap_or(ErrorCode::Internal),
+                message: reply.message,
+            });
+        }
+        let field = |key: &str| reply.data.get(key).cloned().unwrap_or(Value::Null);
+        let vm = serde_json::from_value(field("vm"))
+            .map_err(|err| ClientError::Protocol(format!("`vm`: {err}")))?;
+        let token = serde_json::from_value(field("token"))
+            .map_err(|err| ClientError::Protocol(format!("`token`: {err}")))?;
+        Ok((vm, token))
+    }
+
+    /// Authenticates with a token from an earlier [`Client::login`]: no
+    /// password is sent and the server computes no hash.
+    pub async fn resume(&mut self, vm_id: &str, token: &str) -> Result<VmView> {
+        let data = json!({"vm_id": vm_id, "token": token});
+        self.request("authenticate", data, "vm").await
+    }
+
     pub async fn update(&mut self, update: &Update) -> Result<VmView> {
         self.request("update", update.to_data(), "vm").await
     }

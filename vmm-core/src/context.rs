@@ -25,6 +25,8 @@ pub struct Config {
     /// argon2id cost of new password hashes; a login with a hash of other
     /// costs re-hashes the password.
     pub hash_cost: crate::password::HashCost,
+    /// How long a session token from `authenticate` stays valid.
+    pub token_ttl: Duration,
     /// Failed-login throttling, per VM and per client address.
     pub throttle: crate::store::Throttle,
     /// How many password hashes may run at once.
@@ -59,6 +61,7 @@ impl Default for Config {
             registration_secret: None,
             hash_cost: crate::password::HashCost::default(),
             throttle: crate::store::Throttle::default(),
+            token_ttl: Duration::from_secs(24 * 60 * 60),
             shutdown_grace: Duration::from_secs(5),
             hash_concurrency: std::thread::available_parallelism()
                 .map(usize::from)

@@ -1,5 +1,6 @@
 //! Comparing and storing secrets without leaking them through timing.
 
+use base64ct::{Base64UrlUnpadded, Encoding};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -14,6 +15,13 @@ pub fn same(given: &str, expected: &str) -> bool {
     digest(given).ct_eq(&digest(expected)).into()
 }
 
+/// A new session token: 256 random bits, base64url without padding.
+pub fn new_token() -> Option<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(Base64UrlUnpadded::encode_string(&bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -23,5 +31,12 @@ mod tests {
         assert!(same("s3cret", "s3cret"));
         assert!(!same("s3cret", "s3cret "));
         assert!(!same("", "x"));
+        let (a, b) = (new_token().unwrap(), new_token().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
     }
 }

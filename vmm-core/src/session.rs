@@ -152,6 +152,7 @@ impl Sessions {
             sessions: Arc::clone(self),
             closed: false,
             watch: None,
+            token: None,
         }
     }
 
@@ -206,6 +207,9 @@ pub struct Session {
     sessions: Arc<Sessions>,
     closed: bool,
     watch: Option<Watch>,
+    /// The digest and expiry of the token this session authenticated with
+    /// or was given.
+    token: Option<([u8; 32], std::time::SystemTime)>,
 }
 
 /// A session's subscription to change events.
@@ -292,6 +296,36 @@ impl Session {
             self.sessions.mark_dirty();
         }
         written
+    }
+
+    /// Remembers the session's token (its digest and expiry).
+    pub fn set_token(&mut self, digest: [u8; 32], expires_at: std::time::SystemTime) {
+        self.token = Some((digest, expires_at));
+    }
+
+    /// Forgets the session's token, returning its digest (to revoke it).
+    pub fn take_token(&mut self) -> Option<[u8; 32]> {
+        self.token.take().map(|(digest, _)| digest)
+    }
+
+    /// The VM this session is authenticated as, checking `token` when the
+    /// request carries one: it must be this session's own, unexpired token.
+    pub fn authorized_vm(&self, token: Option<&str>) -> Result<&str> {
+        let vm = self
+            .authenticated_vm()
+            .ok_or_else(crate::Error::not_authenticated)?;
+        if let Some(token) = token {
+            let valid = self.token.is_some_and(|(digest, expires_at)| {
+                bool::from(subtle::ConstantTimeEq::ct_eq(
+                    &crate::secrets::digest(token)[..],
+                    &digest[..],
+                )) && std::time::SystemTime::now() < expires_at
+            });
+            if !valid {
+                return Err(crate::Error::not_authenticated());
+            }
+        }
+        Ok(vm)
     }
 
     /// Starts (or changes) the session's subscription to change events.

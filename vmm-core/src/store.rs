@@ -363,6 +363,54 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a new session token's digest; returns when it expires.
+    pub async fn issue_token(
+        &self,
+        vm_id: &str,
+        digest: &[u8; 32],
+        ttl: Duration,
+    ) -> Result<SystemTime> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH expired AS (DELETE FROM tokens WHERE expires_at < now()) \
+                 INSERT INTO tokens (token_hash, vm_id, expires_at) \
+                 VALUES ($1, $2, now() + $3::float8 * interval '1 second') RETURNING expires_at",
+            )
+            .await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[&digest.as_slice(), &vm_id, &ttl.as_secs_f64()],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// When a live token of `vm_id` with this digest expires, if there is one.
+    pub async fn token_expiry(&self, vm_id: &str, digest: &[u8; 32]) -> Result<Option<SystemTime>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT expires_at FROM tokens \
+                 WHERE token_hash = $1 AND vm_id = $2 AND expires_at > now()",
+            )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&digest.as_slice(), &vm_id])
+            .await?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    pub async fn revoke_token(&self, digest: &[u8; 32]) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("DELETE FROM tokens WHERE token_hash = $1")
+            .await?;
+        client.execute(&statement, &[&digest.as_slice()]).await?;
+        Ok(())
+    }
+
     pub async fn set_password_hash(&self, vm_id: &str, hash: &str) -> Result<()> {
         let client = self.pool.get().await?;
         let statement = client

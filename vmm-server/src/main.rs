@@ -70,6 +70,10 @@ struct Args {
     #[arg(long, env = "VMM_ARGON2_PARALLELISM", default_value_t = 1)]
     argon2_parallelism: u32,
 
+    /// Seconds a session token from `authenticate` stays valid.
+    #[arg(long, env = "VMM_TOKEN_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    token_ttl: u64,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -94,6 +98,7 @@ async fn main() -> ExitCode {
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         instance_lease: Duration::from_secs(args.instance_lease),
         registration_secret: args.registration_secret.filter(|secret| !secret.is_empty()),
+        token_ttl: Duration::from_secs(args.token_ttl),
         hash_cost: vmm_core::password::HashCost {
             memory_kib: args.argon2_memory_kib,
             iterations: args.argon2_iterations,

@@ -16,16 +16,22 @@
 //! failure up to 15 minutes; while either key is blocked the reply is
 //! `too_many_attempts` with `data.retry_after_ms`, and no hash is spent. A
 //! success clears the VM's count (not the address's).
+//!
+//! A successful password login returns a session `token` (256 random bits,
+//! base64url; stored only as its SHA-256 digest) valid for `--token-ttl`.
+//! `{"vm_id", "token"}` instead of a password resumes a session after a
+//! reconnect, with no hashing; an unknown, revoked (by `logout`) or expired
+//! token is `not_authenticated`.
 
 use serde::Deserialize;
 
 use crate::context::Context;
-use crate::error::Error;
-use crate::params;
+use crate::error::{Error, Result};
 use crate::password::Verified;
-use crate::protocol::{Data, ErrorCode};
+use crate::protocol::{Data, ErrorCode, Timestamp};
 use crate::registry::{Command, HandlerFuture, Success};
 use crate::session::Session;
+use crate::{params, secrets};
 
 inventory::submit! {
     Command { name: "authenticate", summary: "authenticate this connection as a VM with its password", handler }
@@ -35,61 +41,111 @@ inventory::submit! {
 #[serde(deny_unknown_fields)]
 struct Params {
     vm_id: String,
-    password: String,
+    password: Option<String>,
+    token: Option<String>,
 }
 
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: Params = params::parse(data)?;
         params::vm_id(&p.vm_id)?;
-        params::password(&p.password)?;
-
-        let vm_key = format!("vm:{}", p.vm_id);
-        let keys = [vm_key.clone(), format!("ip:{}", session.peer_ip())];
-        let state = ctx.store.login_state(&p.vm_id, &keys).await?;
-        if let Some(retry_after_ms) = state.retry_after_ms {
-            tracing::info!(vm_id = %p.vm_id, retry_after_ms, "authentication throttled");
-            let mut err = Error::new(
-                ErrorCode::TooManyAttempts,
-                format!(
-                    "too many failed attempts; try again in {} s",
-                    (retry_after_ms + 999) / 1000
-                ),
-            );
-            err.data
-                .insert("retry_after_ms".into(), retry_after_ms.into());
-            return Err(err);
+        match (p.password, p.token) {
+            (Some(password), None) => with_password(ctx, session, p.vm_id, password).await,
+            (None, Some(token)) => with_token(ctx, session, p.vm_id, &token).await,
+            _ => Err(Error::invalid_params(
+                "give either `password` or `token` (from an earlier authenticate)",
+            )),
         }
-        match ctx
-            .passwords
-            .verify(p.password, state.password_hash)
-            .await?
-        {
-            Verified::No => {
-                tracing::info!(vm_id = %p.vm_id, "authentication failed");
-                ctx.store
-                    .record_failure(&keys, &ctx.config.throttle)
-                    .await?;
-                return Err(Error::invalid_credentials());
-            }
-            Verified::Yes => {}
-            Verified::YesRehashed(hash) => {
-                ctx.store.set_password_hash(&p.vm_id, &hash).await?;
-                tracing::info!(vm_id = %p.vm_id, "password re-hashed with the current argon2 parameters");
-            }
-        }
-        // The VM this connection leaves (if it switches) was last seen now.
-        let mut seen = vec![p.vm_id.as_str()];
-        seen.extend(session.vm_id().filter(|previous| *previous != p.vm_id));
-        ctx.store.touch(&seen).await?;
-        let Some(vm) = ctx.store.vm(&p.vm_id).await? else {
-            return Err(Error::invalid_credentials());
-        };
-        session.authenticate(&vm.vm_id).await?;
-        if state.has_failures {
-            ctx.store.clear_failures(&vm_key).await?;
-        }
-        tracing::info!(vm_id = %vm.vm_id, "authenticated");
-        Success::new(format!("authenticated as {}", vm.vm_id)).with("vm", vm)
     })
+}
+
+async fn with_password(
+    ctx: &Context,
+    session: &mut Session,
+    vm_id: String,
+    password: String,
+) -> Result<Success> {
+    params::password(&password)?;
+    let vm_key = format!("vm:{vm_id}");
+    let keys = [vm_key.clone(), format!("ip:{}", session.peer_ip())];
+    let state = ctx.store.login_state(&vm_id, &keys).await?;
+    if let Some(retry_after_ms) = state.retry_after_ms {
+        tracing::info!(vm_id = %vm_id, retry_after_ms, "authentication throttled");
+        let mut err = Error::new(
+            ErrorCode::TooManyAttempts,
+            format!(
+                "too many failed attempts; try again in {} s",
+                (retry_after_ms + 999) / 1000
+            ),
+        );
+        err.data
+            .insert("retry_after_ms".into(), retry_after_ms.into());
+        return Err(err);
+    }
+    match ctx.passwords.verify(password, state.password_hash).await? {
+        Verified::No => {
+            tracing::info!(vm_id = %vm_id, "authentication failed");
+            ctx.store
+                .record_failure(&keys, &ctx.config.throttle)
+                .await?;
+            return Err(Error::invalid_credentials());
+        }
+        Verified::Yes => {}
+        Verified::YesRehashed(hash) => {
+            ctx.store.set_password_hash(&vm_id, &hash).await?;
+            tracing::info!(vm_id = %vm_id, "password re-hashed with the current argon2 parameters");
+        }
+    }
+    let token = secrets::new_token().ok_or_else(|| {
+        tracing::error!("no randomness for a session token");
+        Error::internal()
+    })?;
+    let digest = secrets::digest(&token);
+    let expires_at = ctx
+        .store
+        .issue_token(&vm_id, &digest, ctx.config.token_ttl)
+        .await?;
+    let success = enter(ctx, session, &vm_id).await?;
+    session.set_token(digest, expires_at);
+    if state.has_failures {
+        ctx.store.clear_failures(&vm_key).await?;
+    }
+    success
+        .with("token", token)?
+        .with("token_expires_at", Timestamp(expires_at))
+}
+
+/// Resumes a session with a token from an earlier `authenticate`: no
+/// password, no hashing.
+async fn with_token(
+    ctx: &Context,
+    session: &mut Session,
+    vm_id: String,
+    token: &str,
+) -> Result<Success> {
+    let digest = secrets::digest(token);
+    let Some(expires_at) = ctx.store.token_expiry(&vm_id, &digest).await? else {
+        tracing::info!(vm_id = %vm_id, "token refused");
+        return Err(Error::new(
+            ErrorCode::NotAuthenticated,
+            "the token is unknown, revoked or expired: authenticate with the password",
+        ));
+    };
+    let success = enter(ctx, session, &vm_id).await?;
+    session.set_token(digest, expires_at);
+    success.with("token_expires_at", Timestamp(expires_at))
+}
+
+/// Makes the session act as `vm_id`, once its credentials are checked.
+async fn enter(ctx: &Context, session: &mut Session, vm_id: &str) -> Result<Success> {
+    // The VM this connection leaves (if it switches) was last seen now.
+    let mut seen = vec![vm_id];
+    seen.extend(session.vm_id().filter(|previous| *previous != vm_id));
+    ctx.store.touch(&seen).await?;
+    let Some(vm) = ctx.store.vm(vm_id).await? else {
+        return Err(Error::invalid_credentials());
+    };
+    session.authenticate(&vm.vm_id).await?;
+    tracing::info!(vm_id = %vm.vm_id, "authenticated");
+    Success::new(format!("authenticated as {}", vm.vm_id)).with("vm", vm)
 }

@@ -40,6 +40,8 @@ inventory::submit! {
 #[serde(deny_unknown_fields)]
 struct Params {
     list_type: String,
+    /// When given, it must be this session's token.
+    token: Option<String>,
 }
 
 fn list_type(name: &str) -> Result<ListType> {
@@ -73,6 +75,7 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             return Err(Error::not_authenticated());
         }
         let p: Params = params::parse(data)?;
+        session.authorized_vm(p.token.as_deref())?;
         let kind = list_type(&p.list_type)?;
         let reply = |count: usize| Success::new(format!("{count} {}", kind.as_str()));
         match kind {

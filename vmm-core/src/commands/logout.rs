@@ -1,4 +1,4 @@
-//! `logout`: ends the session's authentication. The connection stays open and
+//! `logout`: ends the session's authentication and revokes its token. The connection stays open and
 //! stays bound to its VM in `active_vms`.
 //!
 //! ```text
@@ -8,7 +8,9 @@
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::params::{self, Empty};
+use serde::Deserialize;
+
+use crate::params;
 use crate::protocol::Data;
 use crate::registry::{Command, HandlerFuture, Success};
 use crate::session::Session;
@@ -17,14 +19,24 @@ inventory::submit! {
     Command { name: "logout", summary: "end this connection's authentication", handler }
 }
 
-fn handler<'a>(_: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    /// When given, it must be this session's token.
+    token: Option<String>,
+}
+
+fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
-        let vm_id = session
-            .authenticated_vm()
-            .ok_or_else(Error::not_authenticated)?
-            .to_owned();
-        params::parse::<Empty>(data)?;
+        if session.authenticated_vm().is_none() {
+            return Err(Error::not_authenticated());
+        }
+        let p: Params = params::parse(data)?;
+        let vm_id = session.authorized_vm(p.token.as_deref())?.to_owned();
         session.logout().await?;
+        if let Some(token) = session.take_token() {
+            ctx.store.revoke_token(&token).await?;
+        }
         tracing::info!(vm_id = %vm_id, "logged out");
         Ok(Success::new(format!("logged out of {vm_id}")))
     })

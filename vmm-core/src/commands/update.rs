@@ -38,6 +38,8 @@ struct Params {
     ram: Option<i64>,
     cpu: Option<i64>,
     disks: Option<Vec<DiskChange>>,
+    /// When given, it must be this session's token.
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -85,11 +87,12 @@ fn validate(p: Params) -> Result<VmUpdate> {
 
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
-        let vm_id = session
-            .authenticated_vm()
-            .ok_or_else(Error::not_authenticated)?
-            .to_owned();
-        let update = validate(params::parse(data)?)?;
+        if session.authenticated_vm().is_none() {
+            return Err(Error::not_authenticated());
+        }
+        let p: Params = params::parse(data)?;
+        let vm_id = session.authorized_vm(p.token.as_deref())?.to_owned();
+        let update = validate(p)?;
         let vm = ctx.store.update(&vm_id, &update).await?;
         tracing::info!(
             vm_id = %vm_id,
