@@ -13,6 +13,11 @@
 //!    server cannot work right now: `unavailable`, `server_busy`,
 //!    `internal`), log why, wait for the backoff, and go back to 1.
 //!
+//! After the first password login the agent keeps the session token it was
+//! given and resumes with it on later connections, so a fleet reconnecting
+//! after a server restart costs the server no password hashes; if the token
+//! is refused (expired, revoked) it logs in with the password again.
+//!
 //! Some failures cannot be fixed by retrying: `authenticate` answered
 //! `invalid_credentials` (a wrong password, or a VM that does not exist and
 //! that the agent was not told how to register), `register` answered
@@ -145,6 +150,9 @@ struct Agent {
     ping_interval: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    /// The session token of the last password login: a reconnect resumes
+    /// with it, so the server spends no password hash. Never logged.
+    token: std::sync::Mutex<Option<Secret>>,
 }
 
 /// How one connection ended.
@@ -189,6 +197,7 @@ impl Agent {
             addr: addr.to_owned(),
             vm_id: args.vm_id,
             password: Secret(password),
+            token: std::sync::Mutex::new(None),
             registration,
             ping_interval: args.ping_interval,
             backoff_initial: args.backoff_initial,
@@ -245,6 +254,24 @@ impl Agent {
             return end;
         }
 
+        if let Some(token) = self.token() {
+            match stop.guarded(client.resume(&self.vm_id, &token)).await {
+                Ok(_) => {
+                    self.log("resumed the session with its token");
+                    backoff.reset();
+                    return self.keep_alive(client, stop).await;
+                }
+                Err(ClientError::Server {
+                    code: ErrorCode::NotAuthenticated,
+                    ..
+                }) => {
+                    self.log("the token was refused; logging in with the password");
+                    self.set_token(None);
+                }
+                Err(err) => return self.failed("resuming", err),
+            }
+        }
+
         if let Some((ram, cpu, disks)) = &self.registration {
             let registration = Registration {
                 vm_id: self.vm_id.clone(),
@@ -267,15 +294,35 @@ impl Agent {
             }
         }
 
-        let authenticate = client.authenticate(&self.vm_id, &self.password.0);
+        let authenticate = client.login(&self.vm_id, &self.password.0);
         match stop.guarded(authenticate).await {
-            Ok(_) => {
+            Ok((_, token)) => {
+                self.set_token(Some(token));
                 self.log("authenticated");
                 backoff.reset();
             }
             Err(err) => return self.failed("authentication", err),
         }
+        self.keep_alive(client, stop).await
+    }
 
+    fn token(&self) -> Option<String> {
+        let token = self
+            .token
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        token.as_ref().map(|secret| secret.0.clone())
+    }
+
+    fn set_token(&self, token: Option<String>) {
+        *self
+            .token
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = token.map(Secret);
+    }
+
+    /// Pings until something ends the connection; logs out on a signal.
+    async fn keep_alive(&self, mut client: Client, stop: &mut Stop) -> End {
         loop {
             if let Some(signal) = stop.requested() {
                 return self.logout(&mut client, stop, signal).await;

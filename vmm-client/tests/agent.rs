@@ -197,6 +197,10 @@ async fn the_agent_reconnects_after_a_restart_and_logs_out_on_sigterm() {
     assert!(connections >= 2, "stderr:\n{stderr}");
     assert!(stderr.contains("logged out, exiting"), "stderr:\n{stderr}");
     assert!(
+        stderr.contains("resumed the session with its token"),
+        "after the restart the agent resumes with its token, without a password hash:\n{stderr}"
+    );
+    assert!(
         !stderr.contains(&password),
         "the password is logged:\n{stderr}"
     );
