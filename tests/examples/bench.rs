@@ -124,7 +124,14 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let connections: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
     let vms: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
-    let server = Arc::new(TestServer::start_with(|config| config.db_pool_size = 16).await);
+    let server = Arc::new(
+        TestServer::start_with(|config| {
+            config.db_pool_size = 16;
+            // Every bench connection comes from 127.0.0.1.
+            config.max_connections_per_ip = 100_000;
+        })
+        .await,
+    );
     println!(
         "vmm bench: {connections} connections, {vms} VMs, {} CPUs",
         std::thread::available_parallelism().map_or(1, usize::from)

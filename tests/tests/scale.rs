@@ -11,8 +11,12 @@ use vmm_tests::{Deadline, TestServer, eventually, ok};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_connections_listed_from_another_instance() {
     const CONNECTIONS: usize = 2000;
-    let a =
-        TestServer::start_with(|config| config.idle_timeout = Some(Duration::from_secs(600))).await;
+    let a = TestServer::start_with(|config| {
+        config.idle_timeout = Some(Duration::from_secs(600));
+        // Every test connection comes from 127.0.0.1.
+        config.max_connections_per_ip = 10_000;
+    })
+    .await;
     let b = a.start_beside(|_| {}).await;
     let mut observer = b.session_as("observer").await;
     let mut pinger = a.raw().await;

@@ -8,7 +8,7 @@
 //! lines, separated by whitespace, or follow each other with no separator.
 
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use serde_json::Value;
@@ -136,6 +136,11 @@ impl FrameDecoder {
         }
     }
 
+    /// Whether part of a value has arrived but not all of it.
+    pub fn in_value(&self) -> bool {
+        self.kind.is_some()
+    }
+
     fn too_large(&mut self) -> Frame {
         self.overflowed = true;
         Frame::TooLarge
@@ -206,6 +211,10 @@ pub struct Connection {
     writer: BufWriter<OwnedWriteHalf>,
     buffer: BytesMut,
     decoder: FrameDecoder,
+    /// How long a request may take to arrive once it has started.
+    request_timeout: Option<Duration>,
+    /// When the request now arriving started.
+    partial_since: Option<Instant>,
 }
 
 impl Connection {
@@ -216,7 +225,17 @@ impl Connection {
             writer: BufWriter::new(writer),
             buffer: BytesMut::with_capacity(4096),
             decoder: FrameDecoder::new(max_request_bytes),
+            request_timeout: None,
+            partial_since: None,
         }
+    }
+
+    /// Makes [`Connection::read_frame`] fail with `TimedOut` when a request
+    /// that has started arriving is not complete within `limit`: a client
+    /// that trickles bytes (or stops halfway) cannot hold a connection.
+    pub fn with_request_timeout(mut self, limit: Option<Duration>) -> Connection {
+        self.request_timeout = limit;
+        self
     }
 
     /// Returns a frame that is already buffered, without reading.
@@ -229,10 +248,28 @@ impl Connection {
     pub async fn read_frame(&mut self) -> io::Result<Option<Frame>> {
         loop {
             if let Some(frame) = self.decoder.decode(&mut self.buffer) {
+                self.partial_since = None;
                 return Ok(Some(frame));
             }
+            if self.decoder.in_value() {
+                self.partial_since.get_or_insert_with(Instant::now);
+            }
             self.buffer.reserve(4096);
-            if self.reader.read_buf(&mut self.buffer).await? == 0 {
+            let read = self.reader.read_buf(&mut self.buffer);
+            let read = match (self.partial_since, self.request_timeout) {
+                (Some(started), Some(limit)) => {
+                    tokio::time::timeout_at((started + limit).into(), read)
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the request did not arrive in time",
+                            )
+                        })??
+                }
+                _ => read.await?,
+            };
+            if read == 0 {
                 return Ok(None);
             }
         }

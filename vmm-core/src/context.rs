@@ -33,6 +33,15 @@ pub struct Config {
     pub hash_concurrency: usize,
     /// How long start-up waits for the database.
     pub database_wait: Duration,
+    /// A request that has started arriving must be complete within this, or
+    /// the connection is closed (`None`: no limit).
+    pub request_timeout: Option<Duration>,
+    /// How long a write to a client may stay blocked (it does not read its
+    /// replies or events) before the client is disconnected.
+    pub write_timeout: Duration,
+    /// Open connections allowed from one client address; one more is
+    /// answered `server_busy` and closed.
+    pub max_connections_per_ip: usize,
     /// A connection that sends nothing for this long is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// This instance's name in the shared `instances` table: unique per
@@ -68,6 +77,9 @@ impl Default for Config {
                 .unwrap_or(1),
             database_wait: Duration::from_secs(30),
             idle_timeout: Some(Duration::from_secs(60)),
+            request_timeout: Some(Duration::from_secs(10)),
+            max_connections_per_ip: 256,
+            write_timeout: Duration::from_secs(10),
             instance_name: String::new(),
             instance_lease: Duration::from_secs(10),
             presence_interval: Duration::from_secs(2),

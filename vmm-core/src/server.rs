@@ -7,6 +7,7 @@
 //! and after `shutdown_grace` whatever is left is aborted.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,7 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(context.config.max_connections));
     let (stop, _) = broadcast::channel::<()>(1);
     let mut tasks = JoinSet::new();
+    let per_ip = Arc::new(PerIp::default());
     let presence = crate::presence::maintain(Arc::clone(&context));
     let events = crate::events::listen(Arc::clone(&context));
     let writer = crate::presence::write_behind(Arc::clone(&context));
@@ -58,24 +60,30 @@ pub async fn serve(
                 };
                 configure(&stream, context.config.tcp_keepalive);
                 let max_request = context.config.max_request_bytes;
+                let Some(from_ip) = per_ip.enter(peer.ip(), context.config.max_connections_per_ip) else {
+                    tracing::warn!(%peer, "too many connections from this address, refusing");
+                    tasks.spawn(refuse(stream, max_request, "too many connections from your address; try again later"));
+                    continue;
+                };
                 match Arc::clone(&limit).try_acquire_owned() {
                     Ok(permit) => {
                         let session = context.sessions.open(peer);
                         let span = tracing::info_span!("conn", session = session.id(), %peer);
                         let context = Arc::clone(&context);
                         let stop = stop.subscribe();
+                        let conn = Connection::new(stream, max_request)
+                            .with_request_timeout(context.config.request_timeout);
                         tasks.spawn(
                             async move {
-                                run(Connection::new(stream, max_request), context, registry, session, stop)
-                                    .await;
-                                drop(permit);
+                                run(conn, context, registry, session, stop).await;
+                                drop((permit, from_ip));
                             }
                             .instrument(span),
                         );
                     }
                     Err(_) => {
                         tracing::warn!(%peer, "connection limit reached, refusing");
-                        tasks.spawn(refuse(stream, max_request));
+                        tasks.spawn(refuse(stream, max_request, "the server has too many connections; try again later"));
                     }
                 }
             }
@@ -109,6 +117,44 @@ pub async fn serve(
     Ok(())
 }
 
+/// Open connections per client address.
+#[derive(Debug, Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One connection's place in [`PerIp`], given back when dropped.
+struct FromIp(Arc<PerIp>, IpAddr);
+
+impl PerIp {
+    fn enter(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<FromIp> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(FromIp(Arc::clone(self), ip))
+    }
+}
+
+impl Drop for FromIp {
+    fn drop(&mut self) {
+        let mut counts = self
+            .0
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
+
 fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
     let _ = stream.set_nodelay(true);
     if let Some(idle) = keepalive {
@@ -130,11 +176,8 @@ async fn within<T>(limit: Option<Duration>, work: impl Future<Output = T>) -> Op
     }
 }
 
-async fn refuse(stream: TcpStream, max_request: usize) {
-    let reply = Reply::error(
-        ErrorCode::ServerBusy,
-        "the server has too many connections; try again later",
-    );
+async fn refuse(stream: TcpStream, max_request: usize, why: &'static str) {
+    let reply = Reply::error(ErrorCode::ServerBusy, why);
     Connection::new(stream, max_request)
         .close_with(&reply)
         .await;
@@ -151,10 +194,6 @@ enum Next {
     Done,
 }
 
-/// How long a client that does not read its replies or events may hold up
-/// a write before it is disconnected.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Runs one connection until it closes, the client misbehaves beyond
 /// recovery, or the server shuts down.
 async fn run(
@@ -166,12 +205,13 @@ async fn run(
 ) {
     tracing::debug!("connected");
     let idle_timeout = context.config.idle_timeout;
+    let write_timeout = Some(context.config.write_timeout);
     let mut last_input = Instant::now();
     loop {
         let next = match conn.buffered_frame() {
             Some(frame) => Next::Frame(frame),
             None => {
-                if within(Some(WRITE_TIMEOUT), conn.flush())
+                if within(write_timeout, conn.flush())
                     .await
                     .is_none_or(|r| r.is_err())
                 {
@@ -194,6 +234,10 @@ async fn run(
                     read = within(idle_left, conn.read_frame()) => match read {
                         Some(Ok(Some(frame))) => Next::Frame(frame),
                         Some(Ok(None)) => Next::Done,
+                        Some(Err(err)) if err.kind() == std::io::ErrorKind::TimedOut => {
+                            tracing::info!("a request did not arrive within the request timeout, closing");
+                            Next::Done
+                        }
                         Some(Err(err)) => {
                             tracing::debug!(error = %err, "read failed");
                             Next::Done
@@ -206,8 +250,7 @@ async fn run(
         let frame = match next {
             Next::Frame(frame) => frame,
             Next::Event(event) => {
-                let written =
-                    within(Some(WRITE_TIMEOUT), conn.write_raw(event.line.as_bytes())).await;
+                let written = within(write_timeout, conn.write_raw(event.line.as_bytes())).await;
                 if written.is_none_or(|r| r.is_err()) {
                     tracing::info!("watcher does not read its events, disconnecting");
                     break;
@@ -247,12 +290,15 @@ async fn run(
                 Ok(request) => execute(&context, registry, &mut session, request).await,
             },
         };
-        if let Err(err) = conn.write_reply(&reply).await {
-            tracing::debug!(error = %err, "write failed");
+        // A client that does not read its replies fills the socket buffer and
+        // then this write; past the timeout it is disconnected.
+        let written = within(write_timeout, conn.write_reply(&reply)).await;
+        if written.is_none_or(|r| r.is_err()) {
+            tracing::info!("the client does not read its replies, disconnecting");
             break;
         }
     }
-    let _ = within(Some(WRITE_TIMEOUT), conn.flush()).await;
+    let _ = within(write_timeout, conn.flush()).await;
     finish(&context, session).await;
 }
 

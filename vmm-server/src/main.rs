@@ -74,6 +74,16 @@ struct Args {
     #[arg(long, env = "VMM_TOKEN_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     token_ttl: u64,
 
+    /// Seconds a request may take to arrive once it has started; a slower
+    /// one closes the connection (0: no limit).
+    #[arg(long, env = "VMM_REQUEST_TIMEOUT", default_value_t = 10)]
+    request_timeout: u64,
+
+    /// Open connections allowed from one client address; one more is
+    /// answered `server_busy` and closed.
+    #[arg(long, env = "VMM_MAX_CONNECTIONS_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_ip: u32,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -99,6 +109,9 @@ async fn main() -> ExitCode {
         instance_lease: Duration::from_secs(args.instance_lease),
         registration_secret: args.registration_secret.filter(|secret| !secret.is_empty()),
         token_ttl: Duration::from_secs(args.token_ttl),
+        request_timeout: (args.request_timeout > 0)
+            .then(|| Duration::from_secs(args.request_timeout)),
+        max_connections_per_ip: args.max_connections_per_ip as usize,
         hash_cost: vmm_core::password::HashCost {
             memory_kib: args.argon2_memory_kib,
             iterations: args.argon2_iterations,
