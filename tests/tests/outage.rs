@@ -62,3 +62,76 @@ async fn sessions_are_reasserted_after_an_outage() {
         deadline.tick().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_quickly_then_recovered_with_the_data_intact() {
+    let a = TestServer::start().await;
+    let proxy = DbProxy::start(&a.db).await;
+    let b = a.start_through(&proxy, |_| {}).await;
+    let mut conn = b.raw().await;
+    ok(&conn
+        .call(
+            json!({"command": "register", "data": {"vm_id": "kept", "ram": 64, "cpu": 2,
+        "password": password_for("kept"), "disks": [{"disk_size": 7}, {"disk_size": 8}]}}),
+        )
+        .await);
+    ok(&conn.call(json!({"command": "authenticate", "data": {"vm_id": "kept", "password": password_for("kept")}})).await);
+    let before = conn
+        .call(json!({"command": "list", "data": {"list_type": "all_disks"}}))
+        .await;
+    ok(&before);
+
+    proxy.cut();
+    let cut = std::time::Instant::now();
+    err(
+        &conn
+            .call(json!({"command": "list", "data": {"list_type": "all_disks"}}))
+            .await,
+        "unavailable",
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(2),
+        "unavailable after {:?}",
+        cut.elapsed()
+    );
+    err(
+        &conn
+            .call(json!({"command": "update", "data": {"ram": 128}}))
+            .await,
+        "unavailable",
+    );
+    let t = std::time::Instant::now();
+    ok(&conn.call(json!({"command": "ping"})).await);
+    assert!(
+        t.elapsed() < Duration::from_millis(50),
+        "ping took {:?}",
+        t.elapsed()
+    );
+
+    proxy.restore();
+    let restored = std::time::Instant::now();
+    let deadline = Deadline::new("database commands succeed again");
+    let after = loop {
+        let reply = conn
+            .call(json!({"command": "list", "data": {"list_type": "all_disks"}}))
+            .await;
+        if reply["status"] == "success" {
+            break reply;
+        }
+        deadline.tick().await;
+    };
+    assert!(
+        restored.elapsed() < Duration::from_secs(5),
+        "recovered after {:?}",
+        restored.elapsed()
+    );
+    assert_eq!(
+        after["data"], before["data"],
+        "the data from before the cut is intact"
+    );
+    // The refused update changed nothing.
+    let vms = conn
+        .call(json!({"command": "list", "data": {"list_type": "all_vms"}}))
+        .await;
+    assert_eq!(ok(&vms)["all_vms"][0]["ram"], 64);
+}
