@@ -765,6 +765,76 @@ pub fn registration(vm_id: &str, ram: u32, disks: Vec<u32>) -> vmm_core::client:
     }
 }
 
+/// A `vmm-server` process on a test database, listening on a port of its
+/// own choosing (read from its JSON log).
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    pub async fn spawn(binary: &str, db: &TestDb, args: &[&str]) -> ServerProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(binary)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|err| fail(format!("cannot start {binary}: {err}")));
+        let stdout = child
+            .stdout
+            .take()
+            .unwrap_or_else(|| fail("no stdout".into()));
+        let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
+        // Read the log until "listening", then keep draining it.
+        std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if entry["fields"]["message"] == "listening" {
+                    let addr = entry["fields"]["address"]
+                        .as_str()
+                        .and_then(|a| a.parse().ok());
+                    if let (Some(tx), Some(addr)) = (addr_tx.take(), addr) {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = tokio::time::timeout(PATIENCE, addr_rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| fail(format!("{binary} did not log its address")));
+        ServerProcess { child, addr }
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        tokio::task::spawn_blocking(move || self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| fail("cannot wait for the server".into()))
+    }
+}
+
 /// A password that is valid for the protocol, unique per VM name.
 pub fn password_for(vm_id: &str) -> String {
     format!("pw-{vm_id}-secret")

@@ -1,50 +1,15 @@
 //! Done-when 7: SIGTERM with a request in flight: its reply arrives, and the
 //! server exits 0. Runs the real `vmm-server` binary.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-
-use serde_json::{Value, json};
-use vmm_tests::{RawConn, TestDb, eventually, ok, password_for};
+use serde_json::json;
+use vmm_tests::{RawConn, ServerProcess, TestDb, eventually, ok, password_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish() {
     vmm_tests::init_logging();
     let db = TestDb::create().await;
-    let mut server = Command::new(env!("CARGO_BIN_EXE_vmm-server"))
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start vmm-server");
-    let stdout = server.stdout.take().unwrap();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-    // Read the log until "listening", then keep draining it.
-    std::thread::spawn(move || {
-        let mut addr_tx = Some(addr_tx);
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if entry["fields"]["message"] == "listening" {
-                let addr = entry["fields"]["address"]
-                    .as_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                if let Some(tx) = addr_tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-        }
-    });
-    let addr = tokio::time::timeout(vmm_tests::PATIENCE, addr_rx)
-        .await
-        .expect("the server logs its address")
-        .unwrap();
+    let server = ServerProcess::spawn(env!("CARGO_BIN_EXE_vmm-server"), &db, &[]).await;
+    let addr = server.addr;
 
     // Hold the VM table locked so that a register stays in flight.
     let mut blocker = db.connect().await;
@@ -75,9 +40,7 @@ async fn sigterm_lets_the_request_in_flight_finish() {
     })
     .await;
 
-    let pid = server.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
+    server.signal("TERM");
     eventually("the server stops accepting", || async {
         tokio::net::TcpStream::connect(addr)
             .await
@@ -92,9 +55,6 @@ async fn sigterm_lets_the_request_in_flight_finish() {
     assert_eq!(ok(&reply)["vm"]["vm_id"], "late");
     assert!(conn.closed().await, "the connection closes after the reply");
 
-    let exit = tokio::task::spawn_blocking(move || server.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = server.wait().await;
     assert!(exit.success(), "vmm-server exited with {exit}");
 }
