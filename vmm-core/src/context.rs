@@ -56,6 +56,9 @@ pub struct Config {
     /// TCP keepalive probes on accepted sockets start after this much silence,
     /// so that peers that vanished without a FIN are noticed (`None`: off).
     pub tcp_keepalive: Option<Duration>,
+    /// When set, every connection must speak TLS with this configuration
+    /// (see [`crate::tls::server_config`]); plaintext ones are closed.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://vmm:vmm@127.0.0.1:5432/vmm";
@@ -84,6 +87,7 @@ impl Default for Config {
             instance_lease: Duration::from_secs(10),
             presence_interval: Duration::from_secs(2),
             tcp_keepalive: Some(Duration::from_secs(30)),
+            tls: None,
         }
     }
 }

@@ -84,6 +84,11 @@ struct Args {
     #[arg(long, env = "VMM_MAX_CONNECTIONS_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_ip: u32,
 
+    /// File whose first line is the operator token (else $VMM_ADMIN_TOKEN):
+    /// `authenticate {"admin_token"}` with it opens an operator session.
+    #[arg(long, env = "VMM_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -121,6 +126,17 @@ async fn main() -> ExitCode {
             .min(Duration::from_secs(2)),
         ..vmm_core::Config::default()
     };
+    let admin_token = match admin_token(args.admin_token_file.as_deref()) {
+        Ok(token) => token,
+        Err(err) => {
+            tracing::error!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = vmm_core::Config {
+        admin_token,
+        ..config
+    };
     match run(args.listen, args.instance_name, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -147,6 +163,27 @@ async fn run(
     vmm_core::serve(listener, context, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The operator token, from the file's first line or `VMM_ADMIN_TOKEN`.
+fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read the admin token file {}: {err}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        None => std::env::var("VMM_ADMIN_TOKEN").unwrap_or_default(),
+    };
+    if token.is_empty() {
+        return Ok(None);
+    }
+    if token.len() < 16 {
+        return Err("the admin token must be at least 16 characters".into());
+    }
+    Ok(Some(token))
 }
 
 fn hostname() -> String {
