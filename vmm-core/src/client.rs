@@ -5,12 +5,16 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::ClientConfig;
+
+use crate::connection::{ReadHalf, WriteHalf};
 
 use crate::protocol::{
     ActiveSession, AuthenticatedSession, CommandHelp, Data, DiskEntry, ErrorCode, ListType, Reply,
@@ -146,10 +150,9 @@ impl Update {
     }
 }
 
-#[derive(Debug)]
 pub struct Client {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<ReadHalf>,
+    writer: WriteHalf,
     /// Event lines (after `watch`) that arrived while a reply was awaited.
     events: VecDeque<String>,
     /// The part of a line read so far: kept here, not in a local, so that a
@@ -167,17 +170,51 @@ pub fn is_event(line: &str) -> bool {
     serde_json::from_str::<Probe>(line).is_ok_and(|p| p.status.is_none() && p.event.is_some())
 }
 
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("events", &self.events.len())
+            .field("partial", &self.partial.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
+    /// Connects over plain TCP.
     pub async fn connect(addr: impl ToSocketAddrs) -> io::Result<Client> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (reader, writer) = stream.into_split();
-        Ok(Client {
+        Ok(Client::from_halves(Box::new(reader), Box::new(writer)))
+    }
+
+    /// Connects over TLS and completes the handshake, checking the server's
+    /// certificate against `server_name` (a DNS name or an IP address).
+    ///
+    /// With TLS 1.3 a server that refuses this client's certificate (or its
+    /// lack of one) says so only after the handshake: the first request then
+    /// fails.
+    pub async fn connect_tls(
+        addr: impl ToSocketAddrs,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> io::Result<Client> {
+        let name = crate::tls::server_name(server_name)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let stream = TlsConnector::from(config).connect(name, stream).await?;
+        let (reader, writer) = tokio::io::split(stream);
+        Ok(Client::from_halves(Box::new(reader), Box::new(writer)))
+    }
+
+    fn from_halves(reader: ReadHalf, writer: WriteHalf) -> Client {
+        Client {
             reader: BufReader::new(reader),
             writer,
             events: VecDeque::new(),
             partial: Vec::new(),
-        })
+        }
     }
 
     /// Sends `text` as it is (plus a newline) and returns the next reply line,
@@ -188,6 +225,8 @@ impl Client {
         line.extend_from_slice(text.as_bytes());
         line.push(b'\n');
         self.writer.write_all(&line).await?;
+        // A no-op on TCP; TLS may hold the last record until flushed.
+        self.writer.flush().await?;
         self.read_reply().await
     }
 

@@ -7,14 +7,14 @@
 //! complete value to `serde_json`. Values may be pretty-printed over several
 //! lines, separated by whitespace, or follow each other with no separator.
 
+use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::protocol::Reply;
 
@@ -202,13 +202,17 @@ impl FrameDecoder {
     }
 }
 
+/// The read half of a connection, plain TCP or TLS.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection, plain TCP or TLS.
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// One client connection: a decoder over the read half and a buffered write
 /// half. Replies are flushed only when no further complete request is already
 /// buffered, so a pipelining client gets its replies in few segments.
-#[derive(Debug)]
 pub struct Connection {
-    reader: OwnedReadHalf,
-    writer: BufWriter<OwnedWriteHalf>,
+    reader: ReadHalf,
+    writer: BufWriter<WriteHalf>,
     buffer: BytesMut,
     decoder: FrameDecoder,
     /// How long a request may take to arrive once it has started.
@@ -217,9 +221,34 @@ pub struct Connection {
     partial_since: Option<Instant>,
 }
 
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("buffered", &self.buffer.len())
+            .field("decoder", &self.decoder)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Connection {
+    /// A plain TCP connection.
     pub fn new(stream: TcpStream, max_request_bytes: usize) -> Connection {
         let (reader, writer) = stream.into_split();
+        Connection::from_halves(Box::new(reader), Box::new(writer), max_request_bytes)
+    }
+
+    /// A connection over a TLS stream whose handshake is done (or over any
+    /// other byte stream).
+    pub fn tls<S>(stream: S, max_request_bytes: usize) -> Connection
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        Connection::from_halves(Box::new(reader), Box::new(writer), max_request_bytes)
+    }
+
+    fn from_halves(reader: ReadHalf, writer: WriteHalf, max_request_bytes: usize) -> Connection {
         Connection {
             reader,
             writer: BufWriter::new(writer),

@@ -30,6 +30,7 @@
 //! - [`server`]: [`serve`], the accept loop with its connection limit and
 //!   graceful shutdown.
 //! - [`client`]: a small async [`Client`] with a typed method per command.
+//! - [`tls`]: rustls server and client configurations from PEM files.
 //!
 //! Running a server inside your own program:
 //!
@@ -74,6 +75,7 @@ pub mod secrets;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 
 pub use client::Client;
 pub use context::{Config, Context};

@@ -71,11 +71,12 @@ pub async fn serve(
                         let span = tracing::info_span!("conn", session = session.id(), %peer);
                         let context = Arc::clone(&context);
                         let stop = stop.subscribe();
-                        let conn = Connection::new(stream, max_request)
-                            .with_request_timeout(context.config.request_timeout);
                         tasks.spawn(
                             async move {
-                                run(conn, context, registry, session, stop).await;
+                                match open(stream, &context).await {
+                                    Some(conn) => run(conn, context, registry, session, stop).await,
+                                    None => finish(&context, session).await,
+                                }
                                 drop((permit, from_ip));
                             }
                             .instrument(span),
@@ -181,6 +182,32 @@ async fn refuse(stream: TcpStream, max_request: usize, why: &'static str) {
     Connection::new(stream, max_request)
         .close_with(&reply)
         .await;
+}
+
+/// The connection over `stream`: plain TCP, or with `config.tls` set TLS
+/// once the handshake is done. A handshake that fails (a plaintext client)
+/// or takes longer than the request timeout (10 s without one) gives `None`.
+async fn open(stream: TcpStream, context: &Context) -> Option<Connection> {
+    let config = &context.config;
+    let conn = match &config.tls {
+        None => Connection::new(stream, config.max_request_bytes),
+        Some(tls) => {
+            let limit = config.request_timeout.unwrap_or(Duration::from_secs(10));
+            let accept = tokio_rustls::TlsAcceptor::from(Arc::clone(tls)).accept(stream);
+            match tokio::time::timeout(limit, accept).await {
+                Ok(Ok(stream)) => Connection::tls(stream, config.max_request_bytes),
+                Ok(Err(err)) => {
+                    tracing::info!(error = %err, "TLS handshake failed, closing");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::info!("no TLS handshake within {}s, closing", limit.as_secs());
+                    return None;
+                }
+            }
+        }
+    };
+    Some(conn.with_request_timeout(config.request_timeout))
 }
 
 /// What woke a connection up.
