@@ -89,6 +89,20 @@ struct Args {
     #[arg(long, env = "VMM_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<std::path::PathBuf>,
 
+    /// TLS certificate chain (PEM, leaf first). With --tls-key, every
+    /// connection must speak TLS; plaintext ones are closed.
+    #[arg(long, env = "VMM_TLS_CERT", value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// TLS private key (PEM) of --tls-cert.
+    #[arg(long, env = "VMM_TLS_KEY", value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// CA certificates (PEM) for mutual TLS: a client must present a
+    /// certificate signed by one of them. Requires --tls-cert and --tls-key.
+    #[arg(long, env = "VMM_TLS_CLIENT_CA", value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
+    tls_client_ca: Option<std::path::PathBuf>,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -137,6 +151,29 @@ async fn main() -> ExitCode {
         admin_token,
         ..config
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let client_ca = args.tls_client_ca.as_deref();
+            match vmm_core::tls::server_config(cert, key, client_ca) {
+                Ok(tls) => {
+                    tracing::info!(
+                        mutual = client_ca.is_some(),
+                        "TLS on: plaintext connections are refused"
+                    );
+                    Some(tls)
+                }
+                Err(err) => {
+                    tracing::error!("{err}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => {
+            tracing::info!("TLS off: connections are plaintext");
+            None
+        }
+    };
+    let config = vmm_core::Config { tls, ..config };
     match run(args.listen, args.instance_name, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
