@@ -244,7 +244,7 @@ impl Agent {
     /// something ends it.
     async fn connection(&self, stop: &mut Stop, backoff: &mut Backoff) -> End {
         let addr = self.addr.as_str();
-        let connect = async { Client::connect(addr).await.map_err(ClientError::Io) };
+        let connect = async { crate::conn::open(addr).await.map_err(ClientError::Io) };
         let mut client = match stop.guarded(connect).await {
             Ok(client) => client,
             Err(err) => return End::Lost(format!("cannot connect to {addr}: {}", cause(&err))),

@@ -3,6 +3,8 @@
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -18,6 +20,76 @@ use crate::{out, render};
 
 /// How long connecting may take before it counts as "cannot connect".
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS settings from the global flags; `None` (never set): plaintext.
+static TLS: OnceLock<Tls> = OnceLock::new();
+
+/// How every connection of this run speaks TLS.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    config: Arc<vmm_core::tls::ClientConfig>,
+    server_name: String,
+}
+
+/// What the TLS flags asked for.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    pub tls: bool,
+    pub ca_cert: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsOptions {
+    /// Turns TLS on for every later connection when any TLS flag was given:
+    /// a CA file or a client certificate implies `--tls`. A file that cannot
+    /// be used is a usage error.
+    pub fn apply(self, addr: &str) -> Result<(), Failure> {
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(Failure::Usage(
+                    "--client-cert and --client-key go together".into(),
+                ));
+            }
+        };
+        if !self.tls && self.ca_cert.is_none() && identity.is_none() {
+            return Ok(());
+        }
+        let config = vmm_core::tls::client_config(self.ca_cert.as_deref(), identity)
+            .map_err(|err| Failure::Usage(err.to_string()))?;
+        let server_name = self.server_name.unwrap_or_else(|| host_of(addr).to_owned());
+        vmm_core::tls::server_name(&server_name)
+            .map_err(|err| Failure::Usage(format!("{err} (set one with --tls-server-name)")))?;
+        let _ = TLS.set(Tls {
+            config,
+            server_name,
+        });
+        Ok(())
+    }
+}
+
+/// The host part of `host:port`, `[v6]:port` or a bare host.
+fn host_of(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(host, _)| host);
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
+        _ => addr,
+    }
+}
+
+/// Opens a connection to `addr`: the one place every mode (one-shot, shell,
+/// watch, agent) connects, over TLS once [`TlsOptions::apply`] turned it on.
+pub async fn open(addr: &str) -> io::Result<Client> {
+    match TLS.get() {
+        Some(tls) => Client::connect_tls(addr, Arc::clone(&tls.config), &tls.server_name).await,
+        None => Client::connect(addr).await,
+    }
+}
 
 /// How long a keepalive ping may wait for its reply before the connection
 /// counts as lost.
@@ -196,7 +268,7 @@ pub struct Conn {
 impl Conn {
     pub async fn connect(addr: &str, json: bool) -> Result<Conn, Failure> {
         let cannot = |why: String| Failure::Connection(format!("cannot connect to {addr}: {why}"));
-        let client = match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(addr)).await {
+        let client = match tokio::time::timeout(CONNECT_TIMEOUT, open(addr)).await {
             Ok(Ok(client)) => client,
             Ok(Err(err)) => return Err(cannot(describe(&err))),
             Err(_) => return Err(cannot("timed out".into())),
@@ -379,6 +451,15 @@ mod tests {
             r#"{"command":"list","data":{"list_type":"all_disks"}}"#
         );
         assert_eq!(Op::Ping.to_text(), r#"{"command":"ping","data":{}}"#);
+    }
+
+    #[test]
+    fn the_server_name_defaults_to_the_host_of_the_address() {
+        assert_eq!(host_of("vmm.example.com:8888"), "vmm.example.com");
+        assert_eq!(host_of("127.0.0.1:8888"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:8888"), "::1");
+        assert_eq!(host_of("localhost"), "localhost");
+        assert_eq!(host_of("::1"), "::1");
     }
 
     #[test]

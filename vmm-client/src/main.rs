@@ -129,6 +129,28 @@ struct Cli {
     )]
     keepalive: Duration,
 
+    /// Speak TLS, trusting the system's root certificates (or --ca-cert's).
+    #[arg(long, env = "VMM_TLS", global = true)]
+    tls: bool,
+
+    /// Trust only the CA certificates in this PEM file; implies --tls.
+    #[arg(long, env = "VMM_CA_CERT", value_name = "PATH", global = true)]
+    ca_cert: Option<std::path::PathBuf>,
+
+    /// The name the server's certificate must carry [default: the host part
+    /// of --addr].
+    #[arg(long, env = "VMM_TLS_SERVER_NAME", value_name = "NAME", global = true)]
+    tls_server_name: Option<String>,
+
+    /// Client certificate chain (PEM) for mutual TLS; needs --client-key,
+    /// implies --tls.
+    #[arg(long, env = "VMM_CLIENT_CERT", value_name = "PATH", global = true)]
+    client_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, env = "VMM_CLIENT_KEY", value_name = "PATH", global = true)]
+    client_key: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -391,6 +413,17 @@ fn unless_zero(duration: Duration) -> Option<Duration> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let tls = conn::TlsOptions {
+        tls: cli.tls,
+        ca_cert: cli.ca_cert,
+        server_name: cli.tls_server_name,
+        client_cert: cli.client_cert,
+        client_key: cli.client_key,
+    };
+    if let Err(failure) = tls.apply(&cli.addr) {
+        eprintln!("error: {failure}");
+        return ExitCode::from(failure.exit_code());
+    }
     let result = match cli.command {
         None => shell::run(&cli.addr, cli.json, unless_zero(cli.keepalive)).await,
         Some(Command::Agent(args)) => return agent::run(&cli.addr, args).await,

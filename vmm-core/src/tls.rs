@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::RootCertStore;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 
 pub use tokio_rustls::rustls::pki_types::ServerName;
+pub use tokio_rustls::rustls::{self, ClientConfig, ServerConfig};
 
 /// Why a TLS configuration could not be built: names the file at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
