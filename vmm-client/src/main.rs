@@ -130,7 +130,7 @@ struct Cli {
     keepalive: Duration,
 
     /// Speak TLS, trusting the system's root certificates (or --ca-cert's).
-    #[arg(long, env = "VMM_TLS", global = true)]
+    #[arg(long, env = "VMM_TLS", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     tls: bool,
 
     /// Trust only the CA certificates in this PEM file; implies --tls.
