@@ -38,6 +38,7 @@ async fn a_command_registered_by_the_host_is_served_and_listed() {
     assert_eq!(
         names,
         [
+            "audit",
             "authenticate",
             "help",
             "list",

@@ -81,12 +81,17 @@ impl std::error::Error for Error {}
 /// not expect; the details of the latter go to the log, not to the client.
 impl From<tokio_postgres::Error> for Error {
     fn from(err: tokio_postgres::Error) -> Error {
+        use std::error::Error as _;
         if let Some(db) = err.as_db_error() {
             tracing::error!(code = db.code().code(), error = %db, "database error");
             Error::internal()
-        } else {
+        } else if err.is_closed() || err.source().is_some_and(|s| s.is::<std::io::Error>()) {
             tracing::warn!(error = %err, "database unreachable");
             Error::unavailable()
+        } else {
+            // Encoding a parameter or decoding a row: a bug of ours.
+            tracing::error!(error = %err, "database client error");
+            Error::internal()
         }
     }
 }

@@ -153,6 +153,7 @@ impl Sessions {
             closed: false,
             watch: None,
             token: None,
+            operator: false,
         }
     }
 
@@ -210,6 +211,9 @@ pub struct Session {
     /// The digest and expiry of the token this session authenticated with
     /// or was given.
     token: Option<([u8; 32], std::time::SystemTime)>,
+    /// An operator session (opened with the admin token): may list, watch
+    /// and read the audit trail, but is not a VM.
+    operator: bool,
 }
 
 /// A session's subscription to change events.
@@ -288,6 +292,7 @@ impl Session {
     /// Ends the authentication. It ends here at once, whatever happens to
     /// the write that tells the other instances.
     pub async fn logout(&mut self) -> Result<()> {
+        self.operator = false;
         self.info.authenticated_at = None;
         // Watching needs authentication.
         self.watch = None;
@@ -296,6 +301,27 @@ impl Session {
             self.sessions.mark_dirty();
         }
         written
+    }
+
+    pub fn is_operator(&self) -> bool {
+        self.operator
+    }
+
+    /// Turns the session into an operator session, leaving any VM it was
+    /// authenticated as.
+    pub async fn become_operator(&mut self) -> Result<()> {
+        if self.info.authenticated_at.is_some() {
+            self.logout().await?;
+        }
+        self.token = None;
+        self.operator = true;
+        Ok(())
+    }
+
+    /// Whether the session may read the lists (and watch): a VM's or an
+    /// operator's.
+    pub fn may_read(&self) -> bool {
+        self.operator || self.authenticated_vm().is_some()
     }
 
     /// Remembers the session's token (its digest and expiry).

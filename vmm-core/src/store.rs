@@ -47,6 +47,19 @@ pub struct VmRecord {
     pub last_seen_at: Option<Timestamp>,
 }
 
+/// One entry of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at: Timestamp,
+    pub instance_id: Option<i64>,
+    pub peer: Option<String>,
+    pub vm_id: Option<String>,
+    pub action: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
 /// See [`Store::login_state`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginState {
@@ -411,6 +424,57 @@ impl Store {
         Ok(())
     }
 
+    /// Appends to the audit trail.
+    pub async fn audit(
+        &self,
+        instance_id: i64,
+        peer: &str,
+        vm_id: Option<&str>,
+        action: &str,
+        outcome: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO audit (instance_id, peer, vm_id, action, outcome, detail) \
+                 VALUES (NULLIF($1::bigint, 0), $2, $3, $4, $5, $6)",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[&instance_id, &peer, &vm_id, &action, &outcome, &detail],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The newest audit events, optionally of one VM.
+    pub async fn audit_trail(&self, vm_id: Option<&str>, limit: i64) -> Result<Vec<AuditEvent>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT id, at, instance_id, peer, vm_id, action, outcome, detail FROM audit \
+                 WHERE $1::text IS NULL OR vm_id = $1 ORDER BY id DESC LIMIT $2",
+            )
+            .await?;
+        let rows = client.query(&statement, &[&vm_id, &limit]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| AuditEvent {
+                id: row.get(0),
+                at: Timestamp(row.get(1)),
+                instance_id: row.get(2),
+                peer: row.get(3),
+                vm_id: row.get(4),
+                action: row.get(5),
+                outcome: row.get(6),
+                detail: row.get(7),
+            })
+            .collect())
+    }
+
     pub async fn set_password_hash(&self, vm_id: &str, hash: &str) -> Result<()> {
         let client = self.pool.get().await?;
         let statement = client
@@ -474,13 +538,16 @@ impl Store {
     /// Applies an update to one VM, all or nothing. Named disks must belong to
     /// the VM and may only grow; the VM row is locked first so that concurrent
     /// updates of one VM cannot together exceed the disk limit.
-    pub async fn update(&self, vm_id: &str, update: &VmUpdate) -> Result<VmView> {
+    ///
+    /// The change, with old and new values, goes to the audit trail in the
+    /// same transaction, as `(instance_id, peer)`.
+    pub async fn update(&self, vm_id: &str, update: &VmUpdate, by: (i64, &str)) -> Result<VmView> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
 
         let lock = tx
             .prepare_cached(
-                "SELECT (SELECT count(*) FROM disks WHERE vm_id = $1) FROM vms \
+                "SELECT (SELECT count(*) FROM disks WHERE vm_id = $1), ram, cpu FROM vms \
                  WHERE vm_id = $1 FOR UPDATE",
             )
             .await?;
@@ -488,6 +555,13 @@ impl Store {
             return Err(Error::new(ErrorCode::NotFound, "this VM no longer exists"));
         };
         let disk_count: i64 = row.get(0);
+        let mut changes = Vec::new();
+        if let Some(ram) = update.ram {
+            changes.push(format!("ram {}→{ram} MiB", uint(row.get(1))));
+        }
+        if let Some(cpu) = update.cpu {
+            changes.push(format!("cpu {}→{cpu}", uint(row.get(2))));
+        }
 
         if !update.resize.is_empty() {
             let ids: Vec<i64> = update.resize.iter().map(|(id, _)| *id).collect();
@@ -510,6 +584,7 @@ impl Store {
                         "disks: disk {id} cannot shrink from {old} to {size} GiB"
                     )));
                 }
+                changes.push(format!("disk {id} {old}→{size} GiB"));
             }
             let resize = tx
                 .prepare_cached(
@@ -535,7 +610,19 @@ impl Store {
                 .await?;
             let sizes: Vec<i32> = update.attach.iter().copied().map(int).collect();
             tx.execute(&attach, &[&vm_id, &sizes]).await?;
+            for size in &update.attach {
+                changes.push(format!("new disk {size} GiB"));
+            }
         }
+
+        let audit = tx
+            .prepare_cached(
+                "INSERT INTO audit (instance_id, peer, vm_id, action, outcome, detail) \
+                 VALUES (NULLIF($1::bigint, 0), $2, $3, 'update', 'success', $4)",
+            )
+            .await?;
+        tx.execute(&audit, &[&by.0, &by.1, &vm_id, &changes.join("; ")])
+            .await?;
 
         let set = tx
             .prepare_cached(

@@ -40,18 +40,30 @@ inventory::submit! {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Params {
-    vm_id: String,
+    vm_id: Option<String>,
     password: Option<String>,
     token: Option<String>,
+    admin_token: Option<String>,
 }
 
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: Params = params::parse(data)?;
-        params::vm_id(&p.vm_id)?;
+        if let Some(admin_token) = p.admin_token {
+            if p.vm_id.is_some() || p.password.is_some() || p.token.is_some() {
+                return Err(Error::invalid_params(
+                    "`admin_token` goes alone: an operator session is not a VM",
+                ));
+            }
+            return as_operator(ctx, session, &admin_token).await;
+        }
+        let vm_id = p
+            .vm_id
+            .ok_or_else(|| Error::invalid_params("`vm_id` is required"))?;
+        params::vm_id(&vm_id)?;
         match (p.password, p.token) {
-            (Some(password), None) => with_password(ctx, session, p.vm_id, password).await,
-            (None, Some(token)) => with_token(ctx, session, p.vm_id, &token).await,
+            (Some(password), None) => with_password(ctx, session, vm_id, password).await,
+            (None, Some(token)) => with_token(ctx, session, vm_id, &token).await,
             _ => Err(Error::invalid_params(
                 "give either `password` or `token` (from an earlier authenticate)",
             )),
@@ -71,16 +83,9 @@ async fn with_password(
     let state = ctx.store.login_state(&vm_id, &keys).await?;
     if let Some(retry_after_ms) = state.retry_after_ms {
         tracing::info!(vm_id = %vm_id, retry_after_ms, "authentication throttled");
-        let mut err = Error::new(
-            ErrorCode::TooManyAttempts,
-            format!(
-                "too many failed attempts; try again in {} s",
-                (retry_after_ms + 999) / 1000
-            ),
-        );
-        err.data
-            .insert("retry_after_ms".into(), retry_after_ms.into());
-        return Err(err);
+        ctx.audit(session, Some(&vm_id), "authenticate", "throttled", "")
+            .await;
+        return Err(throttled(retry_after_ms));
     }
     match ctx.passwords.verify(password, state.password_hash).await? {
         Verified::No => {
@@ -88,6 +93,9 @@ async fn with_password(
             ctx.store
                 .record_failure(&keys, &ctx.config.throttle)
                 .await?;
+            let detail = "wrong password or unknown VM";
+            ctx.audit(session, Some(&vm_id), "authenticate", "failure", detail)
+                .await;
             return Err(Error::invalid_credentials());
         }
         Verified::Yes => {}
@@ -110,6 +118,8 @@ async fn with_password(
     if state.has_failures {
         ctx.store.clear_failures(&vm_key).await?;
     }
+    ctx.audit(session, Some(&vm_id), "authenticate", "success", "password")
+        .await;
     success
         .with("token", token)?
         .with("token_expires_at", Timestamp(expires_at))
@@ -126,6 +136,14 @@ async fn with_token(
     let digest = secrets::digest(token);
     let Some(expires_at) = ctx.store.token_expiry(&vm_id, &digest).await? else {
         tracing::info!(vm_id = %vm_id, "token refused");
+        ctx.audit(
+            session,
+            Some(&vm_id),
+            "authenticate",
+            "failure",
+            "unknown, revoked or expired token",
+        )
+        .await;
         return Err(Error::new(
             ErrorCode::NotAuthenticated,
             "the token is unknown, revoked or expired: authenticate with the password",
@@ -133,7 +151,53 @@ async fn with_token(
     };
     let success = enter(ctx, session, &vm_id).await?;
     session.set_token(digest, expires_at);
+    ctx.audit(session, Some(&vm_id), "authenticate", "success", "token")
+        .await;
     success.with("token_expires_at", Timestamp(expires_at))
+}
+
+/// Opens an operator session with the admin token. Failures count against
+/// the client's address like wrong passwords.
+async fn as_operator(ctx: &Context, session: &mut Session, admin_token: &str) -> Result<Success> {
+    let keys = [format!("ip:{}", session.peer_ip())];
+    let state = ctx.store.login_state("", &keys).await?;
+    if let Some(retry_after_ms) = state.retry_after_ms {
+        ctx.audit(session, None, "authenticate", "throttled", "operator")
+            .await;
+        return Err(throttled(retry_after_ms));
+    }
+    let valid = ctx
+        .config
+        .admin_token
+        .as_deref()
+        .is_some_and(|expected| secrets::same(admin_token, expected));
+    if !valid {
+        tracing::info!("operator authentication failed");
+        ctx.store
+            .record_failure(&keys, &ctx.config.throttle)
+            .await?;
+        ctx.audit(session, None, "authenticate", "failure", "operator")
+            .await;
+        return Err(Error::invalid_credentials());
+    }
+    session.become_operator().await?;
+    tracing::info!("operator session opened");
+    ctx.audit(session, None, "authenticate", "success", "operator")
+        .await;
+    Ok(Success::new("operator session"))
+}
+
+fn throttled(retry_after_ms: i64) -> Error {
+    let mut err = Error::new(
+        ErrorCode::TooManyAttempts,
+        format!(
+            "too many failed attempts; try again in {} s",
+            (retry_after_ms + 999) / 1000
+        ),
+    );
+    err.data
+        .insert("retry_after_ms".into(), retry_after_ms.into());
+    err
 }
 
 /// Makes the session act as `vm_id`, once its credentials are checked.

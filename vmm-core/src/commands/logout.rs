@@ -28,6 +28,13 @@ struct Params {
 
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
+        if session.is_operator() {
+            params::parse::<Params>(data)?;
+            session.logout().await?;
+            ctx.audit(session, None, "logout", "success", "operator")
+                .await;
+            return Ok(Success::new("logged out of the operator session"));
+        }
         if session.authenticated_vm().is_none() {
             return Err(Error::not_authenticated());
         }
@@ -38,6 +45,8 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             ctx.store.revoke_token(&token).await?;
         }
         tracing::info!(vm_id = %vm_id, "logged out");
+        ctx.audit(session, Some(&vm_id), "logout", "success", "")
+            .await;
         Ok(Success::new(format!("logged out of {vm_id}")))
     })
 }

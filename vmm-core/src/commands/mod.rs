@@ -2,6 +2,7 @@
 //! [`Command`](crate::registry::Command) to the registry; nothing here lists
 //! them, and dispatch finds them by name.
 
+mod audit;
 mod authenticate;
 mod help;
 mod list;

@@ -55,16 +55,23 @@ fn taken(vm_id: &str) -> Error {
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
         let p: Params = params::parse(data)?;
+        params::vm_id(&p.vm_id)?;
         if let Some(expected) = &ctx.config.registration_secret {
             let given = p.registration_secret.as_deref().unwrap_or_default();
             if !secrets::same(given, expected) {
                 tracing::warn!("registration refused: wrong or missing enrollment secret");
+                let detail = if p.registration_secret.is_some() {
+                    "wrong enrollment secret"
+                } else {
+                    "no enrollment secret"
+                };
+                ctx.audit(session, Some(&p.vm_id), "register", "forbidden", detail)
+                    .await;
                 return Err(Error::forbidden(
                     "this server requires its enrollment secret (`registration_secret`) to register",
                 ));
             }
         }
-        params::vm_id(&p.vm_id)?;
         let ram = params::ram(p.ram)?;
         let cpu = params::cpu(p.cpu)?;
         params::password(&p.password)?;
@@ -83,6 +90,8 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
 
         // Hashing is the expensive part: skip it for an id that is plainly taken.
         if ctx.store.exists(&p.vm_id).await? {
+            ctx.audit(session, Some(&p.vm_id), "register", "already_exists", "")
+                .await;
             return Err(taken(&p.vm_id));
         }
         let hash = ctx.passwords.hash(p.password).await?;
@@ -91,10 +100,15 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             .register(&p.vm_id, ram, cpu, &hash, &disks)
             .await?
         else {
+            ctx.audit(session, Some(&p.vm_id), "register", "already_exists", "")
+                .await;
             return Err(taken(&p.vm_id));
         };
         session.bind(&vm.vm_id).await;
         tracing::info!(vm_id = %vm.vm_id, disks = vm.disks.len(), "VM registered");
+        let detail = format!("ram {} MiB, cpu {}, disks {:?} GiB", vm.ram, vm.cpu, disks);
+        ctx.audit(session, Some(&vm.vm_id), "register", "success", &detail)
+            .await;
         Success::new(format!("VM {} registered", vm.vm_id)).with("vm", vm)
     })
 }

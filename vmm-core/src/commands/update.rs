@@ -87,13 +87,21 @@ fn validate(p: Params) -> Result<VmUpdate> {
 
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
+        if session.is_operator() {
+            ctx.audit(session, None, "update", "forbidden", "operator session")
+                .await;
+            return Err(Error::forbidden(
+                "an operator session is not a VM: authenticate as the VM to update it",
+            ));
+        }
         if session.authenticated_vm().is_none() {
             return Err(Error::not_authenticated());
         }
         let p: Params = params::parse(data)?;
         let vm_id = session.authorized_vm(p.token.as_deref())?.to_owned();
         let update = validate(p)?;
-        let vm = ctx.store.update(&vm_id, &update).await?;
+        let by = (ctx.sessions.instance_id(), session.peer());
+        let vm = ctx.store.update(&vm_id, &update, by).await?;
         tracing::info!(
             vm_id = %vm_id,
             ram = ?update.ram,

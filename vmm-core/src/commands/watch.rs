@@ -58,7 +58,7 @@ fn topic_name(topic: Topic) -> &'static str {
 
 fn watch<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
-        if session.authenticated_vm().is_none() {
+        if !session.may_read() {
             return Err(Error::not_authenticated());
         }
         let p: Params = params::parse(data)?;
