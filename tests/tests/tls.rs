@@ -186,9 +186,7 @@ async fn a_tls_client_with_the_right_ca_is_served_and_one_with_another_ca_is_not
     let refused =
         vmm_core::Client::connect_tls(server.addr, client_config(&other_ca, None), "localhost")
             .await;
-    let err = refused
-        .err()
-        .expect("the handshake fails with the wrong CA");
+    let err = refused.expect_err("the handshake fails with the wrong CA");
     assert!(
         err.to_string().contains("certificate"),
         "the error says why: {err}"
