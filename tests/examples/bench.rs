@@ -129,6 +129,8 @@ async fn main() {
             config.db_pool_size = 16;
             // Every bench connection comes from 127.0.0.1.
             config.max_connections_per_ip = 100_000;
+            // Measure wrong passwords without being throttled.
+            config.throttle.limit = u32::MAX;
         })
         .await,
     );
@@ -206,7 +208,36 @@ async fn main() {
     }
     report("update ram+cpu, one connection", samples, started.elapsed());
 
+    wrong_password_timing(&server).await;
     connect_storm(&server, 2000).await;
+}
+
+/// A wrong password for an existing VM and for an unknown one must take the
+/// same time, or timing would tell which VMs exist.
+async fn wrong_password_timing(server: &TestServer) {
+    let mut client = server.client().await;
+    let mut existing = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..100 {
+        let t = Instant::now();
+        let _ = client.authenticate("vm-1", "wrong-password").await;
+        existing.push(t.elapsed());
+        let t = Instant::now();
+        let _ = client
+            .authenticate(&format!("nobody-{i}"), "wrong-password")
+            .await;
+        unknown.push(t.elapsed());
+    }
+    existing.sort();
+    unknown.sort();
+    let (a, b) = (percentile(&existing, 0.5), percentile(&unknown, 0.5));
+    let difference =
+        (a.as_secs_f64() - b.as_secs_f64()).abs() / a.as_secs_f64().max(b.as_secs_f64());
+    println!(
+        "{:<44} existing VM p50={a:>9.3?}  unknown VM p50={b:>9.3?}  difference {:.1}%",
+        "wrong password, 100 each",
+        difference * 100.0
+    );
 }
 
 /// Opens `count` connections to one instance while another connection pings

@@ -99,11 +99,12 @@ impl Passwords {
         };
         let current = self.params.clone();
         self.blocking(move || {
-            if !(known
-                && Argon2::default()
-                    .verify_password(password.as_bytes(), hash.as_str())
-                    .is_ok())
-            {
+            // Always verify, also against the dummy hash: skipping it would
+            // make an unknown VM answer faster than a wrong password.
+            let matches = Argon2::default()
+                .verify_password(password.as_bytes(), hash.as_str())
+                .is_ok();
+            if !(known && matches) {
                 return Ok(Verified::No);
             }
             let outdated = PasswordHash::new(&hash)
@@ -216,5 +217,34 @@ mod tests {
             parallelism: 1,
         };
         assert!(Passwords::new(1, invalid).is_err());
+    }
+
+    /// An unknown VM must cost a real verification (against the dummy hash),
+    /// or timing would tell which VMs exist. Relative, so machine speed and
+    /// load do not matter: skipping the hash makes it a thousand times faster.
+    #[tokio::test]
+    async fn an_unknown_vm_costs_a_full_verification() {
+        let passwords = Passwords::new(1, HashCost::default()).unwrap();
+        let hash = passwords.hash("securePass123".into()).await.unwrap();
+        passwords.verify("warm".into(), None).await.unwrap();
+        let mut known = Vec::new();
+        let mut unknown = Vec::new();
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            passwords
+                .verify("wrong".into(), Some(hash.clone()))
+                .await
+                .unwrap();
+            known.push(t.elapsed());
+            let t = std::time::Instant::now();
+            passwords.verify("wrong".into(), None).await.unwrap();
+            unknown.push(t.elapsed());
+        }
+        known.sort();
+        unknown.sort();
+        assert!(
+            unknown[2] * 4 > known[2],
+            "unknown {unknown:?} vs known {known:?}"
+        );
     }
 }
