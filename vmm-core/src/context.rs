@@ -25,6 +25,9 @@ pub struct Config {
     /// argon2id cost of new password hashes; a login with a hash of other
     /// costs re-hashes the password.
     pub hash_cost: crate::password::HashCost,
+    /// The operator token: `authenticate {"admin_token"}` with it opens an
+    /// operator session (lists, watch and audit; not a VM).
+    pub admin_token: Option<String>,
     /// How long a session token from `authenticate` stays valid.
     pub token_ttl: Duration,
     /// Failed-login throttling, per VM and per client address.
@@ -74,6 +77,7 @@ impl Default for Config {
             hash_cost: crate::password::HashCost::default(),
             throttle: crate::store::Throttle::default(),
             token_ttl: Duration::from_secs(24 * 60 * 60),
+            admin_token: None,
             shutdown_grace: Duration::from_secs(5),
             hash_concurrency: std::thread::available_parallelism()
                 .map(usize::from)
@@ -114,6 +118,33 @@ impl Context {
             store,
             config,
         }))
+    }
+
+    /// Appends to the audit trail. Best effort: a command that has already
+    /// happened is not undone because its audit line could not be written;
+    /// the failure is logged.
+    pub async fn audit(
+        &self,
+        session: &crate::session::Session,
+        vm_id: Option<&str>,
+        action: &str,
+        outcome: &str,
+        detail: &str,
+    ) {
+        let written = self
+            .store
+            .audit(
+                self.sessions.instance_id(),
+                session.peer(),
+                vm_id,
+                action,
+                outcome,
+                detail,
+            )
+            .await;
+        if let Err(err) = written {
+            tracing::warn!(error = %err, action, outcome, "could not write the audit trail");
+        }
     }
 
     /// Builds a context, waits for the database (up to `config.database_wait`),
