@@ -179,6 +179,15 @@ pub enum Op {
     Watch(Vec<String>),
     Unwatch,
     Help,
+    /// Open an operator session with the admin token.
+    Operator {
+        admin_token: String,
+    },
+    /// Read the audit trail (operator sessions).
+    Audit {
+        vm_id: Option<String>,
+        limit: Option<u32>,
+    },
 }
 
 impl Op {
@@ -193,6 +202,8 @@ impl Op {
             Op::Watch(_) => "watch",
             Op::Unwatch => "unwatch",
             Op::Help => "help",
+            Op::Operator { .. } => "authenticate",
+            Op::Audit { .. } => "audit",
         }
     }
 
@@ -207,6 +218,17 @@ impl Op {
             }
             Op::List(kind) => json!({"list_type": kind.as_str()}),
             Op::Update(update) => update.to_data(),
+            Op::Operator { admin_token } => json!({"admin_token": admin_token}),
+            Op::Audit { vm_id, limit } => {
+                let mut data = serde_json::Map::new();
+                if let Some(vm_id) = vm_id {
+                    data.insert("vm_id".into(), json!(vm_id));
+                }
+                if let Some(limit) = limit {
+                    data.insert("limit".into(), json!(limit));
+                }
+                Value::Object(data)
+            }
         }
     }
 
@@ -378,6 +400,11 @@ impl Conn {
             password,
         };
         self.exchange(&op, false).await
+    }
+
+    /// Opens an operator session (what `--admin` does before the command).
+    pub async fn operator(&mut self, admin_token: String) -> Result<Reply, Failure> {
+        self.exchange(&Op::Operator { admin_token }, false).await
     }
 
     async fn exchange(&mut self, op: &Op, show: bool) -> Result<Reply, Failure> {

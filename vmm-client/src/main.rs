@@ -116,6 +116,12 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Act as the operator: `list`, `audit` and `watch` open an operator
+    /// session with the admin token from $VMM_ADMIN_TOKEN instead of
+    /// authenticating as a VM.
+    #[arg(long, global = true)]
+    admin: bool,
+
     /// Shell and watch: ping the server after SECS (fractions allowed)
     /// without sending anything, so that its idle timeout keeps the
     /// connection open; 0 never pings.
@@ -158,13 +164,22 @@ struct Cli {
 /// Who to authenticate as, and where the password comes from.
 #[derive(Debug, Args)]
 struct Login {
-    /// The VM's id.
+    /// The VM's id (not needed with --admin).
     #[arg(long, env = "VMM_VM_ID")]
-    vm_id: String,
+    vm_id: Option<String>,
 
     /// Read the password from the first line of stdin (instead of $VMM_PASSWORD or a prompt).
     #[arg(long)]
     password_stdin: bool,
+}
+
+impl Login {
+    /// The VM's id, which every command but an operator's needs.
+    fn vm(&self) -> Result<String, Failure> {
+        self.vm_id
+            .clone()
+            .ok_or_else(|| Failure::Usage("--vm-id is required (or $VMM_VM_ID)".into()))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +307,17 @@ enum ClientCommand {
         /// Only these topics, comma-separated (default: all of them).
         #[arg(long, value_enum, value_delimiter = ',', value_name = "TOPIC,...")]
         topics: Vec<Topic>,
+    },
+
+    /// Read the audit trail, newest first (needs --admin).
+    Audit {
+        /// Only this VM's events.
+        #[arg(long)]
+        vm_id: Option<String>,
+
+        /// At most this many events (1 to 1000; default 100).
+        #[arg(long)]
+        limit: Option<u32>,
     },
 
     /// Send TEXT exactly as given and print the reply line(s) verbatim.
@@ -429,7 +455,7 @@ async fn main() -> ExitCode {
         Some(Command::Agent(args)) => return agent::run(&cli.addr, args).await,
         Some(Command::Client(command)) => {
             let keepalive = unless_zero(cli.keepalive);
-            one_shot(&cli.addr, cli.json, keepalive, command).await
+            one_shot(&cli.addr, cli.json, cli.admin, keepalive, command).await
         }
     };
     match result {
@@ -445,6 +471,7 @@ async fn main() -> ExitCode {
 async fn one_shot(
     addr: &str,
     json: bool,
+    admin: bool,
     keepalive: Option<Duration>,
     command: ClientCommand,
 ) -> Result<(), Failure> {
@@ -457,9 +484,10 @@ async fn one_shot(
             cpu,
             disks,
         } => {
-            let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
+            let vm_id = login.vm()?;
+            let password = password::obtain_async(login.password_stdin, &vm_id).await?;
             let registration = Registration {
-                vm_id: login.vm_id,
+                vm_id,
                 ram,
                 cpu,
                 password,
@@ -469,15 +497,24 @@ async fn one_shot(
             simple(addr, json, Op::Register(registration)).await
         }
         ClientCommand::Authenticate { login } => {
-            let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
-            let op = Op::Authenticate {
-                vm_id: login.vm_id,
-                password,
-            };
+            let vm_id = login.vm()?;
+            let password = password::obtain_async(login.password_stdin, &vm_id).await?;
+            let op = Op::Authenticate { vm_id, password };
             simple(addr, json, op).await
         }
         ClientCommand::List { kind, login } => {
+            if admin {
+                return as_operator(addr, json, Op::List(kind.into())).await;
+            }
             authenticated(addr, json, login, Op::List(kind.into())).await
+        }
+        ClientCommand::Audit { vm_id, limit } => {
+            if !admin {
+                return Err(Failure::Usage(
+                    "audit is for operators: add --admin (and set $VMM_ADMIN_TOKEN)".into(),
+                ));
+            }
+            as_operator(addr, json, Op::Audit { vm_id, limit }).await
         }
         ClientCommand::Update {
             login,
@@ -496,8 +533,13 @@ async fn one_shot(
         }
         ClientCommand::Logout { login } => authenticated(addr, json, login, Op::Logout).await,
         ClientCommand::Watch { login, topics } => {
+            if admin {
+                return Err(Failure::Usage(
+                    "`watch --admin` is not supported yet: watch as a VM (--vm-id)".into(),
+                ));
+            }
             let watch = watch::Watch {
-                vm_id: login.vm_id,
+                vm_id: login.vm()?,
                 password_stdin: login.password_stdin,
                 topics: topics.iter().map(|topic| topic.name().to_owned()).collect(),
             };
@@ -523,9 +565,24 @@ async fn simple(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
 
 /// Connects, authenticates as `login`, then runs `op` on the same connection.
 async fn authenticated(addr: &str, json: bool, login: Login, op: Op) -> Result<(), Failure> {
-    let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
+    let vm_id = login.vm()?;
+    let password = password::obtain_async(login.password_stdin, &vm_id).await?;
     let mut conn = Conn::connect(addr, json).await?;
-    conn.login(&login.vm_id, password).await?;
+    conn.login(&vm_id, password).await?;
+    conn.run(&op).await.map(drop)
+}
+
+/// Connects, opens an operator session with $VMM_ADMIN_TOKEN, then runs
+/// `op` on the same connection.
+async fn as_operator(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
+    let admin_token = std::env::var("VMM_ADMIN_TOKEN")
+        .ok()
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| {
+            Failure::Usage("--admin needs the operator token in $VMM_ADMIN_TOKEN".into())
+        })?;
+    let mut conn = Conn::connect(addr, json).await?;
+    conn.operator(admin_token).await?;
     conn.run(&op).await.map(drop)
 }
 

@@ -22,6 +22,8 @@ pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
             Ok(format!("{}\n{}", reply.message, vm_table(&vm)))
         }
         Op::Help => Ok(help_table(&field::<Vec<CommandHelp>>(reply, "commands")?)),
+        Op::Operator { .. } => Ok(reply.message.clone()),
+        Op::Audit { .. } => Ok(audit_table(field(reply, "events")?)),
         Op::List(kind) => {
             let key = kind.as_str();
             Ok(match kind {
@@ -32,6 +34,25 @@ pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
             })
         }
     }
+}
+
+fn audit_table(events: Vec<vmm_core::store::AuditEvent>) -> String {
+    let mut table = table(
+        &["id", "at", "peer", "vm_id", "action", "outcome", "detail"],
+        &[0],
+    );
+    for event in &events {
+        table.add_row(vec![
+            event.id.to_string(),
+            event.at.to_string(),
+            event.peer.clone().unwrap_or_else(|| "-".into()),
+            event.vm_id.clone().unwrap_or_else(|| "-".into()),
+            event.action.clone(),
+            event.outcome.clone(),
+            event.detail.clone(),
+        ]);
+    }
+    with_count(&table)
 }
 
 /// The value under `key` in the reply's `data`, decoded.

@@ -1,0 +1,69 @@
+//! `vmm-client --admin`: lists and the audit trail without a VM's credentials.
+
+use std::process::Stdio;
+
+use tokio::process::Command;
+use vmm_tests::{TestServer, registration};
+
+const ADMIN: &str = "operator-token-for-tests";
+
+async fn client(addr: &str, args: &[&str], token: Option<&str>) -> (i32, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vmm-client"));
+    command
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .env_remove("VMM_ADMIN_TOKEN")
+        .env_remove("VMM_VM_ID")
+        .env_remove("VMM_PASSWORD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(token) = token {
+        command.env("VMM_ADMIN_TOKEN", token);
+    }
+    let out = command.output().await.expect("run vmm-client");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_operator_lists_and_reads_the_audit_trail() {
+    let server = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
+    server
+        .client()
+        .await
+        .register(&registration("fleet-1", 64, vec![3]))
+        .await
+        .unwrap();
+    let addr = server.addr.to_string();
+
+    let (code, out, err) = client(&addr, &["--admin", "list", "all"], Some(ADMIN)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("fleet-1"), "{out}");
+
+    let (code, out, err) = client(
+        &addr,
+        &["--admin", "audit", "--vm-id", "fleet-1"],
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("register") && out.contains("success"), "{out}");
+
+    let (code, _, err) = client(
+        &addr,
+        &["--admin", "list", "all"],
+        Some("not-the-operator-token"),
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("invalid_credentials"), "{err}");
+    let (code, _, err) = client(&addr, &["--admin", "list", "all"], None).await;
+    assert_eq!(code, 2, "no token: {err}");
+    let (code, _, err) = client(&addr, &["audit"], Some(ADMIN)).await;
+    assert_eq!(code, 2, "audit needs --admin: {err}");
+}
