@@ -48,6 +48,20 @@ async fn connections_per_address_are_capped() {
     let reply = three.reply().await;
     err(&reply, "server_busy");
     assert!(three.closed().await);
+    // The refusal is in the audit trail.
+    let db = server.db.connect().await;
+    vmm_tests::eventually("the refusal is audited", || async {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM audit WHERE action = 'connect' AND outcome = 'refused'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
     drop(one);
     vmm_tests::eventually("a freed place", || async {
         let mut again = server.raw().await;

@@ -59,10 +59,9 @@ pub async fn serve(
                     }
                 };
                 configure(&stream, context.config.tcp_keepalive);
-                let max_request = context.config.max_request_bytes;
                 let Some(from_ip) = per_ip.enter(peer.ip(), context.config.max_connections_per_ip) else {
                     tracing::warn!(%peer, "too many connections from this address, refusing");
-                    tasks.spawn(refuse(stream, max_request, "too many connections from your address; try again later"));
+                    tasks.spawn(refuse(stream, peer, Arc::clone(&context), "too many connections from your address; try again later"));
                     continue;
                 };
                 match Arc::clone(&limit).try_acquire_owned() {
@@ -84,7 +83,7 @@ pub async fn serve(
                     }
                     Err(_) => {
                         tracing::warn!(%peer, "connection limit reached, refusing");
-                        tasks.spawn(refuse(stream, max_request, "the server has too many connections; try again later"));
+                        tasks.spawn(refuse(stream, peer, Arc::clone(&context), "the server has too many connections; try again later"));
                     }
                 }
             }
@@ -177,11 +176,27 @@ async fn within<T>(limit: Option<Duration>, work: impl Future<Output = T>) -> Op
     }
 }
 
-async fn refuse(stream: TcpStream, max_request: usize, why: &'static str) {
+/// Answers `server_busy`, closes, and records the refusal in the audit
+/// trail (in this short-lived task, never in the accept loop).
+async fn refuse(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    context: Arc<Context>,
+    why: &'static str,
+) {
     let reply = Reply::error(ErrorCode::ServerBusy, why);
-    Connection::new(stream, max_request)
+    Connection::new(stream, context.config.max_request_bytes)
         .close_with(&reply)
         .await;
+    let instance = context.sessions.instance_id();
+    let peer = peer.to_string();
+    if let Err(err) = context
+        .store
+        .audit(instance, &peer, None, "connect", "refused", why)
+        .await
+    {
+        tracing::debug!(error = %err, "could not audit a refused connection");
+    }
 }
 
 /// The connection over `stream`: plain TCP, or with `config.tls` set TLS
