@@ -180,6 +180,13 @@ impl Store {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(2));
         }
+        // A database that vanishes from the network without closing the
+        // connection (a partition, a dead host) must not make a query hang:
+        // unacknowledged data fails the connection after this long, so the
+        // command answers `unavailable` instead.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_millis(1500));
+        }
         if config.get_application_name().is_none() {
             config.application_name("vmm");
         }
