@@ -402,6 +402,12 @@ impl Conn {
         self.exchange(&op, false).await
     }
 
+    /// Authenticates (as a VM or the operator) without printing the reply
+    /// for people (`--json` prints it).
+    pub async fn authenticate(&mut self, op: &Op) -> Result<Reply, Failure> {
+        self.exchange(op, false).await
+    }
+
     /// Opens an operator session (what `--admin` does before the command).
     pub async fn operator(&mut self, admin_token: String) -> Result<Reply, Failure> {
         self.exchange(&Op::Operator { admin_token }, false).await

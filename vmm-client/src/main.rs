@@ -533,14 +533,18 @@ async fn one_shot(
         }
         ClientCommand::Logout { login } => authenticated(addr, json, login, Op::Logout).await,
         ClientCommand::Watch { login, topics } => {
-            if admin {
-                return Err(Failure::Usage(
-                    "`watch --admin` is not supported yet: watch as a VM (--vm-id)".into(),
-                ));
-            }
+            let who = if admin {
+                watch::Who::Operator {
+                    admin_token: admin_token()?,
+                }
+            } else {
+                watch::Who::Vm {
+                    vm_id: login.vm()?,
+                    password_stdin: login.password_stdin,
+                }
+            };
             let watch = watch::Watch {
-                vm_id: login.vm()?,
-                password_stdin: login.password_stdin,
+                who,
                 topics: topics.iter().map(|topic| topic.name().to_owned()).collect(),
             };
             watch::run(addr, json, keepalive, watch).await
@@ -584,6 +588,17 @@ async fn as_operator(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
     let mut conn = Conn::connect(addr, json).await?;
     conn.operator(admin_token).await?;
     conn.run(&op).await.map(drop)
+}
+
+/// The operator token for `--admin`: from `VMM_ADMIN_TOKEN`, never from the
+/// command line.
+fn admin_token() -> Result<String, Failure> {
+    std::env::var("VMM_ADMIN_TOKEN")
+        .ok()
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| {
+            Failure::Usage("--admin needs the operator token in $VMM_ADMIN_TOKEN".into())
+        })
 }
 
 /// The server's enrollment secret, for `register`: from

@@ -16,10 +16,17 @@ use crate::signals::Signals;
 /// Who watches, and what.
 #[derive(Debug)]
 pub struct Watch {
-    pub vm_id: String,
-    pub password_stdin: bool,
+    /// Who to authenticate as: a VM (and how to get its password), or the
+    /// operator with this admin token.
+    pub who: Who,
     /// Topic names; none: every topic.
     pub topics: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum Who {
+    Vm { vm_id: String, password_stdin: bool },
+    Operator { admin_token: String },
 }
 
 /// Runs until a signal (`Ok`) or a failure.
@@ -30,12 +37,21 @@ pub async fn run(
     watch: Watch,
 ) -> Result<(), Failure> {
     // Not before: a prompt for the password must stay interruptible.
-    let password = password::obtain_async(watch.password_stdin, &watch.vm_id).await?;
+    let login = match watch.who {
+        Who::Vm {
+            vm_id,
+            password_stdin,
+        } => {
+            let password = password::obtain_async(password_stdin, &vm_id).await?;
+            Op::Authenticate { vm_id, password }
+        }
+        Who::Operator { admin_token } => Op::Operator { admin_token },
+    };
     let mut signals = Signals::install()
         .map_err(|err| Failure::Usage(format!("cannot handle signals: {err}")))?;
     let start = async {
         let mut conn = Conn::connect(addr, json).await?;
-        conn.login(&watch.vm_id, password).await?;
+        conn.authenticate(&login).await?;
         conn.run(&Op::Watch(watch.topics)).await?;
         Ok::<Conn, Failure>(conn)
     };

@@ -67,3 +67,48 @@ async fn the_operator_lists_and_reads_the_audit_trail() {
     let (code, _, err) = client(&addr, &["audit"], Some(ADMIN)).await;
     assert_eq!(code, 2, "audit needs --admin: {err}");
 }
+
+#[tokio::test]
+async fn the_operator_watches_without_a_vm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let server = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm-client"))
+        .args([
+            "--addr",
+            &server.addr.to_string(),
+            "--admin",
+            "--json",
+            "watch",
+            "--topics",
+            "vms",
+        ])
+        .env("VMM_ADMIN_TOKEN", ADMIN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start vmm-client");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(vmm_tests::PATIENCE, lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("a line")
+    };
+    assert!(next().await.contains("operator session"));
+    assert!(next().await.contains("watching"));
+    server
+        .client()
+        .await
+        .register(&registration("seen-by-op", 64, vec![]))
+        .await
+        .unwrap();
+    let event = next().await;
+    assert!(
+        event.contains("vm_registered") && event.contains("seen-by-op"),
+        "{event}"
+    );
+    let _ = child.start_kill();
+}
