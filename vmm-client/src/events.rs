@@ -17,6 +17,7 @@ use std::fmt;
 
 use serde::Deserialize;
 use serde_json::Value;
+use vmm_core::protocol::DiskView;
 
 use crate::input::Printer;
 use crate::out;
@@ -87,13 +88,7 @@ struct Vm {
     vm_id: String,
     ram: u64,
     cpu: u64,
-    disks: Vec<Disk>,
-}
-
-#[derive(Deserialize)]
-struct Disk {
-    id: i64,
-    disk_size: u64,
+    disks: Vec<DiskView>,
 }
 
 #[derive(Deserialize)]
@@ -135,7 +130,7 @@ fn describe(event: &str, data: &Value) -> Option<String> {
                 clean(&vm.vm_id),
                 vm.ram,
                 vm.cpu,
-                disks(&vm.disks)
+                crate::render::disks_joined(&vm.disks, ",")
             ))
         }
         "instance_lost" => {
@@ -160,18 +155,6 @@ fn describe(event: &str, data: &Value) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// `1:150G,2:250G`, or `-` for none.
-fn disks(disks: &[Disk]) -> String {
-    if disks.is_empty() {
-        return "-".to_owned();
-    }
-    disks
-        .iter()
-        .map(|disk| format!("{}:{}G", disk.id, disk.disk_size))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// `18:40:00.123` from `2026-11-28T18:40:00.123456Z`; anything else as it is.

@@ -96,6 +96,11 @@ fn maybe_time(timestamp: Option<&Timestamp>) -> String {
 
 /// `1:150G, 2:250G`, or `-` for none.
 pub fn disks(disks: &[DiskView]) -> String {
+    disks_joined(disks, ", ")
+}
+
+/// The disks as `ID:SIZEG` joined by `separator`, or `-` for none.
+pub fn disks_joined(disks: &[DiskView], separator: &str) -> String {
     if disks.is_empty() {
         return "-".to_owned();
     }
@@ -103,7 +108,7 @@ pub fn disks(disks: &[DiskView]) -> String {
         .iter()
         .map(|disk| format!("{}:{}G", disk.id, disk.disk_size))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(separator)
 }
 
 fn yes_no(value: bool) -> &'static str {
