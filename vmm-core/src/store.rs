@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Error, Result};
@@ -173,6 +174,31 @@ fn causes(err: &dyn std::error::Error) -> String {
 }
 
 impl Store {
+    /// One statement on a pooled connection, prepared once per connection.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.execute(&statement, params).await?)
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query(&statement, params).await?)
+    }
+
+    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_one(&statement, params).await?)
+    }
+
+    async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_opt(&statement, params).await?)
+    }
+
     /// Builds the pool. No connection is made until one is needed.
     pub fn new(database_url: &str, pool_size: usize) -> Result<Store, SetupError> {
         let mut config = tokio_postgres::Config::from_str(database_url)
@@ -296,19 +322,16 @@ impl Store {
     }
 
     pub async fn exists(&self, vm_id: &str) -> Result<bool> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("SELECT 1 FROM vms WHERE vm_id = $1")
-            .await?;
-        Ok(client.query_opt(&statement, &[&vm_id]).await?.is_some())
+        Ok(self
+            .query_opt("SELECT 1 FROM vms WHERE vm_id = $1", &[&vm_id])
+            .await?
+            .is_some())
     }
 
     pub async fn password_hash(&self, vm_id: &str) -> Result<Option<String>> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("SELECT password_hash FROM vms WHERE vm_id = $1")
+        let row = self
+            .query_opt("SELECT password_hash FROM vms WHERE vm_id = $1", &[&vm_id])
             .await?;
-        let row = client.query_opt(&statement, &[&vm_id]).await?;
         Ok(row.map(|row| row.get(0)))
     }
 
@@ -316,16 +339,10 @@ impl Store {
     /// the VM's hash (if it exists), how long its keys are still blocked (if
     /// they are), and whether the VM's key has failures on record.
     pub async fn login_state(&self, vm_id: &str, keys: &[String]) -> Result<LoginState> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "SELECT (SELECT password_hash FROM vms WHERE vm_id = $1), \
+        let row = self.query_one("SELECT (SELECT password_hash FROM vms WHERE vm_id = $1), \
                         (SELECT ceil(extract(epoch FROM max(blocked_until) - now()) * 1000)::bigint \
                            FROM login_failures WHERE key = ANY($2) AND blocked_until > now()), \
-                        EXISTS (SELECT 1 FROM login_failures WHERE key = $2[1])",
-            )
-            .await?;
-        let row = client.query_one(&statement, &[&vm_id, &keys]).await?;
+                        EXISTS (SELECT 1 FROM login_failures WHERE key = $2[1])", &[&vm_id, &keys]).await?;
         Ok(LoginState {
             password_hash: row.get(0),
             retry_after_ms: row.get::<_, Option<i64>>(1).map(|ms| ms.max(1)),
@@ -338,10 +355,7 @@ impl Store {
     /// blocked); from `limit` failures on, each failure blocks the key for
     /// `base` doubled per further failure, at most `cap`.
     pub async fn record_failure(&self, keys: &[String], throttle: &Throttle) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO login_failures AS f (key, failures, last_at, blocked_until) \
+        self.execute("INSERT INTO login_failures AS f (key, failures, last_at, blocked_until) \
                  SELECT k, 1, now(), CASE WHEN 1 >= $5::int THEN now() + $3::float8 * interval '1 second' END \
                  FROM unnest($1::text[]) AS k \
                  ON CONFLICT (key) DO UPDATE SET \
@@ -355,13 +369,7 @@ impl Store {
                                     THEN 1 ELSE f.failures + 1 END) >= $5::int \
                          THEN now() + LEAST($4::float8, $3::float8 * power(2, LEAST( \
                              f.failures + 1 - $5::int, 30))) * interval '1 second' \
-                         ELSE f.blocked_until END",
-            )
-            .await?;
-        client
-            .execute(
-                &statement,
-                &[
+                         ELSE f.blocked_until END", &[
                     &keys,
                     &throttle.window.as_secs_f64(),
                     &throttle.base.as_secs_f64(),
@@ -375,11 +383,8 @@ impl Store {
 
     /// Forgets a key's failures (after a successful login).
     pub async fn clear_failures(&self, key: &str) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("DELETE FROM login_failures WHERE key = $1")
+        self.execute("DELETE FROM login_failures WHERE key = $1", &[&key])
             .await?;
-        client.execute(&statement, &[&key]).await?;
         Ok(())
     }
 
@@ -390,17 +395,11 @@ impl Store {
         digest: &[u8; 32],
         ttl: Duration,
     ) -> Result<SystemTime> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
+        let row = self
+            .query_one(
                 "WITH expired AS (DELETE FROM tokens WHERE expires_at < now()) \
                  INSERT INTO tokens (token_hash, vm_id, expires_at) \
                  VALUES ($1, $2, now() + $3::float8 * interval '1 second') RETURNING expires_at",
-            )
-            .await?;
-        let row = client
-            .query_one(
-                &statement,
                 &[&digest.as_slice(), &vm_id, &ttl.as_secs_f64()],
             )
             .await?;
@@ -409,25 +408,22 @@ impl Store {
 
     /// When a live token of `vm_id` with this digest expires, if there is one.
     pub async fn token_expiry(&self, vm_id: &str, digest: &[u8; 32]) -> Result<Option<SystemTime>> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
+        let row = self
+            .query_opt(
                 "SELECT expires_at FROM tokens \
                  WHERE token_hash = $1 AND vm_id = $2 AND expires_at > now()",
+                &[&digest.as_slice(), &vm_id],
             )
-            .await?;
-        let row = client
-            .query_opt(&statement, &[&digest.as_slice(), &vm_id])
             .await?;
         Ok(row.map(|row| row.get(0)))
     }
 
     pub async fn revoke_token(&self, digest: &[u8; 32]) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("DELETE FROM tokens WHERE token_hash = $1")
-            .await?;
-        client.execute(&statement, &[&digest.as_slice()]).await?;
+        self.execute(
+            "DELETE FROM tokens WHERE token_hash = $1",
+            &[&digest.as_slice()],
+        )
+        .await?;
         Ok(())
     }
 
@@ -441,32 +437,24 @@ impl Store {
         outcome: &str,
         detail: &str,
     ) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO audit (instance_id, peer, vm_id, action, outcome, detail) \
+        self.execute(
+            "INSERT INTO audit (instance_id, peer, vm_id, action, outcome, detail) \
                  VALUES (NULLIF($1::bigint, 0), $2, $3, $4, $5, $6)",
-            )
-            .await?;
-        client
-            .execute(
-                &statement,
-                &[&instance_id, &peer, &vm_id, &action, &outcome, &detail],
-            )
-            .await?;
+            &[&instance_id, &peer, &vm_id, &action, &outcome, &detail],
+        )
+        .await?;
         Ok(())
     }
 
     /// The newest audit events, optionally of one VM.
     pub async fn audit_trail(&self, vm_id: Option<&str>, limit: i64) -> Result<Vec<AuditEvent>> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .query(
                 "SELECT id, at, instance_id, peer, vm_id, action, outcome, detail FROM audit \
                  WHERE $1::text IS NULL OR vm_id = $1 ORDER BY id DESC LIMIT $2",
+                &[&vm_id, &limit],
             )
             .await?;
-        let rows = client.query(&statement, &[&vm_id, &limit]).await?;
         Ok(rows
             .iter()
             .map(|row| AuditEvent {
@@ -483,11 +471,11 @@ impl Store {
     }
 
     pub async fn set_password_hash(&self, vm_id: &str, hash: &str) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("UPDATE vms SET password_hash = $2 WHERE vm_id = $1")
-            .await?;
-        client.execute(&statement, &[&vm_id, &hash]).await?;
+        self.execute(
+            "UPDATE vms SET password_hash = $2 WHERE vm_id = $1",
+            &[&vm_id, &hash],
+        )
+        .await?;
         Ok(())
     }
 
@@ -496,11 +484,11 @@ impl Store {
         if vm_ids.is_empty() {
             return Ok(());
         }
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("UPDATE vms SET last_seen_at = now() WHERE vm_id = ANY($1)")
-            .await?;
-        client.execute(&statement, &[&vm_ids]).await?;
+        self.execute(
+            "UPDATE vms SET last_seen_at = now() WHERE vm_id = ANY($1)",
+            &[&vm_ids],
+        )
+        .await?;
         Ok(())
     }
 
@@ -509,9 +497,7 @@ impl Store {
         if vm_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(VMS_BY_ID).await?;
-        let rows = client.query(&statement, &[&vm_ids]).await?;
+        let rows = self.query(VMS_BY_ID, &[&vm_ids]).await?;
         Ok(rows.iter().map(record).collect())
     }
 
@@ -520,18 +506,14 @@ impl Store {
     }
 
     pub async fn all_vms(&self) -> Result<Vec<VmRecord>> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(ALL_VMS).await?;
-        let rows = client.query(&statement, &[]).await?;
+        let rows = self.query(ALL_VMS, &[]).await?;
         Ok(rows.iter().map(record).collect())
     }
 
     pub async fn all_disks(&self) -> Result<Vec<DiskEntry>> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("SELECT id, disk_size, vm_id FROM disks ORDER BY id")
+        let rows = self
+            .query("SELECT id, disk_size, vm_id FROM disks ORDER BY id", &[])
             .await?;
-        let rows = client.query(&statement, &[]).await?;
         Ok(rows
             .iter()
             .map(|row| DiskEntry {
@@ -658,9 +640,8 @@ impl Store {
     /// sighting becomes that life's last renewal), so a restarted instance
     /// shows no ghosts.
     pub async fn join_instance(&self, name: &str, lease: Duration) -> Result<i64> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
+        let row = self
+            .query_one(
                 "WITH old AS ( \
                      DELETE FROM instances WHERE name = $1 AND $1 <> '' RETURNING id, renewed_at \
                  ), seen AS ( \
@@ -669,10 +650,8 @@ impl Store {
                  ) \
                  INSERT INTO instances (name, expires_at) \
                  VALUES ($1, now() + $2::float8 * interval '1 second') RETURNING id",
+                &[&name, &lease.as_secs_f64()],
             )
-            .await?;
-        let row = client
-            .query_one(&statement, &[&name, &lease.as_secs_f64()])
             .await?;
         Ok(row.get(0))
     }
@@ -684,9 +663,8 @@ impl Store {
     /// instance could not reach the database): its sessions must then be
     /// written again.
     pub async fn renew_instance(&self, id: i64, name: &str, lease: Duration) -> Result<bool> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
+        let row = self
+            .query_one(
                 "WITH dead AS ( \
                      DELETE FROM instances WHERE expires_at < now() AND id <> $1 \
                      RETURNING id, renewed_at \
@@ -699,58 +677,47 @@ impl Store {
                  ON CONFLICT (id) DO UPDATE \
                  SET renewed_at = now(), expires_at = EXCLUDED.expires_at \
                  RETURNING (xmax = 0) AS recreated",
+                &[&id, &name, &lease.as_secs_f64()],
             )
-            .await?;
-        let row = client
-            .query_one(&statement, &[&id, &name, &lease.as_secs_f64()])
             .await?;
         Ok(row.get(0))
     }
 
     /// Removes this instance and its sessions (a graceful shutdown).
     pub async fn leave_instance(&self, id: i64) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "WITH seen AS ( \
+        self.execute(
+            "WITH seen AS ( \
                      UPDATE vms v SET last_seen_at = now() FROM sessions s \
                      WHERE s.instance_id = $1 AND v.vm_id = s.vm_id \
                  ) \
                  DELETE FROM instances WHERE id = $1",
-            )
-            .await?;
-        client.execute(&statement, &[&id]).await?;
+            &[&id],
+        )
+        .await?;
         Ok(())
     }
 
     /// Writes one session's state, unless a newer state is already stored.
     pub async fn put_session(&self, session: &SessionInfo) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO sessions \
+        self.execute(
+            "INSERT INTO sessions \
                    (instance_id, session_id, peer, connected_at, vm_id, authenticated_at, version) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) \
                  ON CONFLICT (instance_id, session_id) DO UPDATE \
                  SET vm_id = EXCLUDED.vm_id, authenticated_at = EXCLUDED.authenticated_at, \
                      version = EXCLUDED.version \
                  WHERE sessions.version < EXCLUDED.version",
-            )
-            .await?;
-        client
-            .execute(
-                &statement,
-                &[
-                    &session.instance_id,
-                    &session.db_id(),
-                    &session.peer,
-                    &session.connected_at.0,
-                    &session.vm_id,
-                    &session.authenticated_at.map(|t| t.0),
-                    &session.version,
-                ],
-            )
-            .await?;
+            &[
+                &session.instance_id,
+                &session.db_id(),
+                &session.peer,
+                &session.connected_at.0,
+                &session.vm_id,
+                &session.authenticated_at.map(|t| t.0),
+                &session.version,
+            ],
+        )
+        .await?;
         Ok(())
     }
 
@@ -849,16 +816,15 @@ impl Store {
 
     /// The sessions of every other instance whose lease is alive.
     pub async fn remote_sessions(&self, my_instance_id: i64) -> Result<Vec<SessionInfo>> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .query(
                 "SELECT s.instance_id, s.session_id, s.peer, s.connected_at, s.vm_id, \
                         s.authenticated_at, s.version \
                  FROM sessions s JOIN instances i ON i.id = s.instance_id \
                  WHERE i.expires_at > now() AND s.instance_id <> $1",
+                &[&my_instance_id],
             )
             .await?;
-        let rows = client.query(&statement, &[&my_instance_id]).await?;
         Ok(rows
             .iter()
             .map(|row| SessionInfo {
