@@ -12,7 +12,12 @@ pub fn digest(secret: &str) -> [u8; 32] {
 /// Whether two secrets are equal, in time that depends on neither (their
 /// digests are compared, so not even on their lengths).
 pub fn same(given: &str, expected: &str) -> bool {
-    digest(given).ct_eq(&digest(expected)).into()
+    matches_digest(given, &digest(expected))
+}
+
+/// Whether a secret has this digest, in constant time.
+pub fn matches_digest(given: &str, expected: &[u8; 32]) -> bool {
+    digest(given).ct_eq(expected).into()
 }
 
 /// A new session token: 256 random bits, base64url without padding.

@@ -342,10 +342,8 @@ impl Session {
             .ok_or_else(crate::Error::not_authenticated)?;
         if let Some(token) = token {
             let valid = self.token.is_some_and(|(digest, expires_at)| {
-                bool::from(subtle::ConstantTimeEq::ct_eq(
-                    &crate::secrets::digest(token)[..],
-                    &digest[..],
-                )) && std::time::SystemTime::now() < expires_at
+                crate::secrets::matches_digest(token, &digest)
+                    && std::time::SystemTime::now() < expires_at
             });
             if !valid {
                 return Err(crate::Error::not_authenticated());
