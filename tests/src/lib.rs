@@ -34,6 +34,8 @@ use vmm_core::{Config, Context};
 /// only bounds a hang, it is not a performance assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+pub mod race;
+
 fn fail(message: String) -> ! {
     panic!("\n\n{message}\n\n")
 }
@@ -528,6 +530,11 @@ impl TestServer {
         RawConn::connect(self.addr).await
     }
 
+    /// A client connecting from machine `n`'s own address (see [`machine`]).
+    pub async fn client_from(&self, n: usize) -> vmm_core::Client {
+        client_from(n, self.addr).await
+    }
+
     /// Stops the server the way a SIGKILL would: its tasks are aborted and
     /// nothing is cleaned up, in memory or in the database.
     pub fn crash(&mut self) {
@@ -602,11 +609,49 @@ pub struct RawConn {
     pub writer: OwnedWriteHalf,
 }
 
+/// The loopback address of simulated machine `n` (127.1.x.y, never
+/// 127.0.0.1): clients of different machines are throttled and capped
+/// apart, as the VMs of a fleet are.
+pub fn machine(n: usize) -> std::net::IpAddr {
+    let [_, _, x, y] = u32::try_from(n % 65_000 + 1)
+        .unwrap_or_default()
+        .to_be_bytes();
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 1, x, y))
+}
+
+/// A TCP connection to `addr` from machine `n`'s address.
+pub async fn connect_from(n: usize, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4()
+        .unwrap_or_else(|err| fail(format!("cannot make a socket: {err}")));
+    socket
+        .bind(SocketAddr::new(machine(n), 0))
+        .unwrap_or_else(|err| fail(format!("cannot bind to {}: {err}", machine(n))));
+    socket
+        .connect(addr)
+        .await
+        .unwrap_or_else(|err| fail(format!("cannot connect: {err}")))
+}
+
+/// A client of `addr` from machine `n`'s address.
+pub async fn client_from(n: usize, addr: SocketAddr) -> vmm_core::Client {
+    vmm_core::Client::from_stream(connect_from(n, addr).await)
+        .unwrap_or_else(|err| fail(format!("cannot set up a client: {err}")))
+}
+
 impl RawConn {
     pub async fn connect(addr: SocketAddr) -> RawConn {
         let stream = TcpStream::connect(addr)
             .await
             .unwrap_or_else(|err| fail(format!("cannot connect: {err}")));
+        RawConn::over(stream)
+    }
+
+    /// A raw connection from machine `n`'s address (see [`machine`]).
+    pub async fn connect_from(n: usize, addr: SocketAddr) -> RawConn {
+        RawConn::over(connect_from(n, addr).await)
+    }
+
+    fn over(stream: TcpStream) -> RawConn {
         stream.set_nodelay(true).unwrap_or_default();
         let (reader, writer) = stream.into_split();
         RawConn {

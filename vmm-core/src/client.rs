@@ -182,7 +182,12 @@ impl fmt::Debug for Client {
 impl Client {
     /// Connects over plain TCP.
     pub async fn connect(addr: impl ToSocketAddrs) -> io::Result<Client> {
-        let stream = TcpStream::connect(addr).await?;
+        Client::from_stream(TcpStream::connect(addr).await?)
+    }
+
+    /// A client over a TCP connection made by the caller (from a chosen
+    /// local address, through a proxy, ...).
+    pub fn from_stream(stream: TcpStream) -> io::Result<Client> {
         stream.set_nodelay(true)?;
         let (reader, writer) = stream.into_split();
         Ok(Client::from_halves(Box::new(reader), Box::new(writer)))
