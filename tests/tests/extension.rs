@@ -46,6 +46,7 @@ async fn a_command_registered_by_the_host_is_served_and_listed() {
             "logout",
             "ping",
             "register",
+            "revoke",
             "unwatch",
             "update",
             "watch"

@@ -88,7 +88,7 @@ async fn a_success_clears_the_vms_count_but_not_the_addresss() {
     let db = server.db.connect().await;
     let rows = db
         .query(
-            "SELECT key, failures, blocked_until IS NOT NULL FROM login_failures ORDER BY key",
+            "SELECT key, attempts, blocked_until IS NOT NULL FROM login_attempts ORDER BY key",
             &[],
         )
         .await

@@ -104,6 +104,8 @@ pub struct Context {
     pub passwords: Passwords,
     /// Change events from every instance, for this instance's watchers.
     pub events: crate::events::Events,
+    /// The audit trail, repeats coalesced.
+    pub audit_log: crate::audit::AuditLog,
 }
 
 impl Context {
@@ -115,14 +117,14 @@ impl Context {
                 .map_err(SetupError)?,
             events: crate::events::Events::default(),
             sessions: Arc::new(Sessions::new(store.clone())),
+            audit_log: crate::audit::AuditLog::new(store.clone()),
             store,
             config,
         }))
     }
 
-    /// Appends to the audit trail. Best effort: a command that has already
-    /// happened is not undone because its audit line could not be written;
-    /// the failure is logged.
+    /// Appends to the audit trail, as done by `session`'s client. Best
+    /// effort; repeated failures and refusals coalesce (see [`crate::audit`]).
     pub async fn audit(
         &self,
         session: &crate::session::Session,
@@ -131,20 +133,29 @@ impl Context {
         outcome: &str,
         detail: &str,
     ) {
-        let written = self
-            .store
-            .audit(
-                self.sessions.instance_id(),
-                session.peer(),
-                vm_id,
-                action,
-                outcome,
-                detail,
-            )
+        self.audit_peer(session.peer(), vm_id, action, outcome, detail)
             .await;
-        if let Err(err) = written {
-            tracing::warn!(error = %err, action, outcome, "could not write the audit trail");
-        }
+    }
+
+    /// Appends to the audit trail for a client that has no session (yet).
+    pub async fn audit_peer(
+        &self,
+        peer: &str,
+        vm_id: Option<&str>,
+        action: &str,
+        outcome: &str,
+        detail: &str,
+    ) {
+        let entry = crate::audit::Entry {
+            peer,
+            vm_id,
+            action,
+            outcome,
+            detail,
+        };
+        self.audit_log
+            .record(self.sessions.instance_id(), entry)
+            .await;
     }
 
     /// Builds a context, waits for the database (up to `config.database_wait`),

@@ -104,6 +104,56 @@ impl Events {
     }
 }
 
+/// The event that tells every instance which token families were revoked
+/// (migration V7); for the sessions, never for watchers.
+const REVOKED: &str = "tokens_revoked";
+
+/// Ends this instance's sessions of the revoked families.
+fn revoke(context: &Context, event: &Event) {
+    #[derive(Deserialize)]
+    struct Revoked {
+        data: Families,
+    }
+    #[derive(Deserialize)]
+    struct Families {
+        families: Vec<i64>,
+    }
+    let line = event.line.trim_end();
+    match serde_json::from_str::<Revoked>(line) {
+        Ok(revoked) => {
+            let told = context.sessions.revoke(&revoked.data.families);
+            if told > 0 {
+                tracing::info!(sessions = told, "token revoked: ending its sessions");
+            }
+        }
+        Err(_) => tracing::warn!("ignoring a malformed revocation"),
+    }
+}
+
+/// Revocations committed while this instance was not listening reached no
+/// one here: after (re)connecting, the families of its VM sessions are
+/// checked against the token store, in one query, and the dead ones end.
+async fn revoke_missed(context: &Context) {
+    let families = context.sessions.live_families();
+    if families.is_empty() {
+        return;
+    }
+    match context.store.live_families(&families).await {
+        Ok(live) => {
+            let live: std::collections::HashSet<i64> = live.into_iter().collect();
+            let dead: Vec<i64> = families.into_iter().filter(|f| !live.contains(f)).collect();
+            let told = context.sessions.revoke(&dead);
+            if told > 0 {
+                tracing::info!(
+                    sessions = told,
+                    "tokens revoked while not listening: ending their sessions"
+                );
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot check for missed revocations"),
+    }
+}
+
 /// Listens for events until dropped, reconnecting when the connection fails.
 pub(crate) fn listen(context: Arc<Context>) -> AbortOnDrop {
     AbortOnDrop::spawn(async move {
@@ -151,8 +201,10 @@ async fn relay(context: &Context) -> Result<(), tokio_postgres::Error> {
     tracing::debug!("listening for events");
     let events = &context.events;
     events.listening.send_replace(true);
+    revoke_missed(context).await;
     while let Some(note) = received.recv().await {
         match Event::from_payload(note.payload()) {
+            Some(event) if &*event.name == REVOKED => revoke(context, &event),
             // No receiver is fine: nobody is watching.
             Some(event) => drop(events.sender.send(event)),
             None => tracing::warn!("ignoring a malformed event"),

@@ -25,6 +25,8 @@
 //!   how instances see each other's sessions and notice each other's death.
 //! - [`store`]: the only module that talks to PostgreSQL, and the migrations.
 //! - [`password`]: argon2id hashing off the async threads, bounded.
+//! - [`audit`]: the audit trail, with repeated failures and refusals
+//!   coalesced so that its growth follows distinct events, not requests.
 //! - [`secrets`]: constant-time comparison and digests of secrets.
 //! - [`context`]: what handlers share: [`Config`], store, sessions, hasher.
 //! - [`server`]: [`serve`], the accept loop with its connection limit and
@@ -60,6 +62,7 @@
 //! }
 //! ```
 
+pub mod audit;
 pub mod client;
 mod commands;
 pub mod connection;

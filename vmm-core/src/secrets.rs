@@ -27,6 +27,15 @@ pub fn new_token() -> Option<String> {
     Some(Base64UrlUnpadded::encode_string(&bytes))
 }
 
+/// A new token family id: 63 random bits, so that ids say nothing about
+/// how many tokens were issued, and no instance has to ask the database for
+/// one before it can listen for its revocation.
+pub fn new_family() -> Option<i64> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(i64::from_le_bytes(bytes) & i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,7 @@ pub async fn serve(
     let presence = crate::presence::maintain(Arc::clone(&context));
     let events = crate::events::listen(Arc::clone(&context));
     let writer = crate::presence::write_behind(Arc::clone(&context));
+    let audit = crate::audit::flush_every(Arc::clone(&context));
     tokio::pin!(shutdown);
 
     loop {
@@ -113,6 +114,8 @@ pub async fn serve(
     drop(writer);
     drop(events);
     drop(presence);
+    drop(audit);
+    context.audit_log.flush().await;
     crate::presence::leave(&context).await;
     Ok(())
 }
@@ -188,15 +191,9 @@ async fn refuse(
     Connection::new(stream, context.config.max_request_bytes)
         .close_with(&reply)
         .await;
-    let instance = context.sessions.instance_id();
-    let peer = peer.to_string();
-    if let Err(err) = context
-        .store
-        .audit(instance, &peer, None, "connect", "refused", why)
-        .await
-    {
-        tracing::debug!(error = %err, "could not audit a refused connection");
-    }
+    context
+        .audit_peer(&peer.to_string(), None, "connect", "refused", why)
+        .await;
 }
 
 /// The connection over `stream`: plain TCP, or with `config.tls` set TLS
@@ -229,6 +226,8 @@ async fn open(stream: TcpStream, context: &Context) -> Option<Connection> {
 enum Next {
     Frame(Frame),
     Event(Event),
+    /// The session's token was revoked or expired.
+    Ended,
     /// The client sent nothing for the idle timeout.
     Idle,
     /// The client left, the socket failed, a watcher fell behind, or the
@@ -263,6 +262,7 @@ async fn run(
                 // Only the client's own input counts against the idle timeout.
                 let idle_left =
                     idle_timeout.map(|limit| limit.saturating_sub(last_input.elapsed()));
+                let ended = session.ended();
                 tokio::select! {
                     biased;
                     _ = stop.recv() => Next::Done,
@@ -273,6 +273,7 @@ async fn run(
                             Next::Done
                         }
                     },
+                    _ = ended => Next::Ended,
                     read = within(idle_left, conn.read_frame()) => match read {
                         Some(Ok(Some(frame))) => Next::Frame(frame),
                         Some(Ok(None)) => Next::Done,
@@ -297,6 +298,11 @@ async fn run(
                     tracing::info!("watcher does not read its events, disconnecting");
                     break;
                 }
+                continue;
+            }
+            Next::Ended => {
+                // Ended here at once, so that every list shows it.
+                session.settle().await;
                 continue;
             }
             Next::Idle => {
@@ -351,6 +357,8 @@ async fn execute(
     request: Request,
 ) -> Reply {
     let Request { command, data, id } = request;
+    // A revocation or expiry noticed meanwhile applies before this command.
+    session.settle().await;
     // Only a registered name is logged: an unknown one is arbitrary client
     // input and could be anything, a password included.
     let (name, result) = match registry.get(&command) {

@@ -17,11 +17,13 @@
 //! writes the whole set again once the database answers.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::error::Result;
 use crate::events::{Event, Topic};
@@ -78,6 +80,108 @@ pub struct Sessions {
     live: Mutex<HashMap<u64, SessionInfo>>,
     /// Set when a write was lost: the presence loop writes everything again.
     dirty: AtomicBool,
+    /// The VM sessions of this instance by token family, so that a
+    /// revocation (from any instance, through LISTEN/NOTIFY) reaches them.
+    families: Mutex<HashMap<i64, Vec<Arc<Revocation>>>>,
+}
+
+/// How one VM session learns that its token family was revoked.
+#[derive(Debug, Default)]
+struct Revocation {
+    revoked: AtomicBool,
+    notify: Notify,
+}
+
+impl Revocation {
+    fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+        // A permit is kept if the session is not waiting right now.
+        self.notify.notify_one();
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        while !self.is_revoked() {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A session's authentication as a VM: the token family it belongs to, when
+/// that token expires, and its place in [`Sessions`]' revocation registry,
+/// which it leaves when dropped.
+#[derive(Debug)]
+pub struct VmLogin {
+    family: i64,
+    expires_at: SystemTime,
+    deadline: Instant,
+    revocation: Arc<Revocation>,
+    sessions: Arc<Sessions>,
+}
+
+impl VmLogin {
+    pub fn family(&self) -> i64 {
+        self.family
+    }
+
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+
+    /// Sets when the family's token expires, which ends the login.
+    pub fn expire_at(mut self, expires_at: SystemTime) -> VmLogin {
+        let left = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        self.expires_at = expires_at;
+        self.deadline = Instant::now() + left;
+        self
+    }
+
+    /// Revoked, or past its token's expiry.
+    fn ended(&self) -> Option<Ended> {
+        if self.revocation.is_revoked() {
+            Some(Ended::Revoked)
+        } else if Instant::now() >= self.deadline {
+            Some(Ended::Expired)
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for VmLogin {
+    fn drop(&mut self) {
+        let mut families = self.sessions.families();
+        if let Some(members) = families.get_mut(&self.family) {
+            members.retain(|member| !Arc::ptr_eq(member, &self.revocation));
+            if members.is_empty() {
+                families.remove(&self.family);
+            }
+        }
+    }
+}
+
+/// Why a VM session's authentication ended without a `logout` of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Its token was revoked: a logout by another holder of the token, or an
+    /// operator's `revoke`.
+    Revoked,
+    /// Its token expired.
+    Expired,
+}
+
+impl Ended {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Revoked => "token revoked",
+            Ended::Expired => "token expired",
+        }
+    }
 }
 
 impl Sessions {
@@ -91,7 +195,52 @@ impl Sessions {
             next_id: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
+            families: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Joins a token family before its token is issued or checked, so that
+    /// a revocation committed after the check cannot be missed: it finds
+    /// this login already listening.
+    pub fn enroll(self: &Arc<Self>, family: i64) -> VmLogin {
+        let revocation = Arc::new(Revocation::default());
+        self.families()
+            .entry(family)
+            .or_default()
+            .push(Arc::clone(&revocation));
+        VmLogin {
+            family,
+            expires_at: SystemTime::UNIX_EPOCH,
+            deadline: Instant::now(),
+            revocation,
+            sessions: Arc::clone(self),
+        }
+    }
+
+    /// Ends this instance's sessions of these token families: each is told
+    /// at once, and is no longer authenticated from its next command on.
+    /// Returns how many sessions were told.
+    pub fn revoke(&self, families: &[i64]) -> usize {
+        let registry = self.families();
+        let mut told = 0;
+        for family in families {
+            for member in registry.get(family).into_iter().flatten() {
+                member.revoke();
+                told += 1;
+            }
+        }
+        told
+    }
+
+    /// The token families of this instance's VM sessions.
+    pub fn live_families(&self) -> Vec<i64> {
+        self.families().keys().copied().collect()
+    }
+
+    fn families(&self) -> MutexGuard<'_, HashMap<i64, Vec<Arc<Revocation>>>> {
+        self.families
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn instance_id(&self) -> i64 {
@@ -152,8 +301,7 @@ impl Sessions {
             sessions: Arc::clone(self),
             closed: false,
             watch: None,
-            token: None,
-            operator: false,
+            identity: Identity::Nobody,
         }
     }
 
@@ -208,12 +356,19 @@ pub struct Session {
     sessions: Arc<Sessions>,
     closed: bool,
     watch: Option<Watch>,
-    /// The digest and expiry of the token this session authenticated with
-    /// or was given.
-    token: Option<([u8; 32], std::time::SystemTime)>,
-    /// An operator session (opened with the admin token): may list, watch
-    /// and read the audit trail, but is not a VM.
-    operator: bool,
+    identity: Identity,
+}
+
+/// Who a session is. One value, replaced whole by every successful
+/// `authenticate`, so that every list, the audit trail and `logout` agree.
+#[derive(Debug)]
+enum Identity {
+    Nobody,
+    /// A VM (`info.vm_id`), by password or by token.
+    Vm(VmLogin),
+    /// An operator (opened with the admin token): may list, watch and read
+    /// the audit trail, but is not a VM.
+    Operator,
 }
 
 /// A session's subscription to change events.
@@ -256,15 +411,36 @@ impl Session {
 
     /// The VM this session is authenticated as.
     pub fn authenticated_vm(&self) -> Option<&str> {
-        self.info.authenticated_at.and(self.info.vm_id.as_deref())
+        match self.identity {
+            Identity::Vm(_) => self.info.vm_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The VM session's login (its token family), if it is one.
+    pub fn vm_login(&self) -> Option<&VmLogin> {
+        match &self.identity {
+            Identity::Vm(login) => Some(login),
+            _ => None,
+        }
+    }
+
+    pub fn is_operator(&self) -> bool {
+        matches!(self.identity, Identity::Operator)
+    }
+
+    /// Whether the session may read the lists (and watch): a VM's or an
+    /// operator's.
+    pub fn may_read(&self) -> bool {
+        !matches!(self.identity, Identity::Nobody)
     }
 
     /// Binds an unauthenticated connection to a VM (after `register`). An
-    /// authenticated session stays bound to the VM it is authenticated as.
+    /// authenticated session stays who it is.
     /// Binding only decorates `active_vms`, so a failed write is left to the
     /// presence loop rather than failing the registration that succeeded.
     pub async fn bind(&mut self, vm_id: &str) {
-        if self.info.authenticated_at.is_none() {
+        if matches!(self.identity, Identity::Nobody) {
             self.info.vm_id = Some(vm_id.to_owned());
             if self.publish().await.is_err() {
                 self.sessions.mark_dirty();
@@ -272,12 +448,26 @@ impl Session {
         }
     }
 
-    /// Authenticates the session as `vm_id`. Other instances see it before
-    /// this returns; if that write fails, the session stays as it was.
-    pub async fn authenticate(&mut self, vm_id: &str) -> Result<()> {
+    /// Makes the session the VM `vm_id`, whatever it was before (another
+    /// VM, an operator, nobody): what a fresh authentication would give.
+    /// Other instances see it before this returns; if that write fails, the
+    /// session stays exactly as it was.
+    pub async fn become_vm(&mut self, vm_id: &str, login: VmLogin) -> Result<()> {
         let before = self.info.clone();
         self.info.vm_id = Some(vm_id.to_owned());
         self.info.authenticated_at = Some(Timestamp::now());
+        self.change(before, Identity::Vm(login)).await
+    }
+
+    /// Makes the session an operator's, whatever it was before.
+    pub async fn become_operator(&mut self) -> Result<()> {
+        let before = self.info.clone();
+        self.info.vm_id = None;
+        self.info.authenticated_at = None;
+        self.change(before, Identity::Operator).await
+    }
+
+    async fn change(&mut self, before: SessionInfo, identity: Identity) -> Result<()> {
         if let Err(err) = self.publish().await {
             self.info = SessionInfo {
                 version: self.info.version,
@@ -286,13 +476,17 @@ impl Session {
             self.remember();
             return Err(err);
         }
+        // The previous login (if any) leaves its family here: switching VM
+        // does not revoke the token other sessions may share.
+        self.identity = identity;
         Ok(())
     }
 
-    /// Ends the authentication. It ends here at once, whatever happens to
-    /// the write that tells the other instances.
+    /// Ends the authentication (a VM's or an operator's). It ends here at
+    /// once, whatever happens to the write that tells the other instances.
+    /// The connection stays bound to its VM in `active_vms`.
     pub async fn logout(&mut self) -> Result<()> {
-        self.operator = false;
+        self.identity = Identity::Nobody;
         self.info.authenticated_at = None;
         // Watching needs authentication.
         self.watch = None;
@@ -303,53 +497,37 @@ impl Session {
         written
     }
 
-    pub fn is_operator(&self) -> bool {
-        self.operator
-    }
-
-    /// Turns the session into an operator session, leaving any VM it was
-    /// authenticated as.
-    pub async fn become_operator(&mut self) -> Result<()> {
-        if self.info.authenticated_at.is_some() {
-            self.logout().await?;
-        }
-        self.token = None;
-        self.operator = true;
-        Ok(())
-    }
-
-    /// Whether the session may read the lists (and watch): a VM's or an
-    /// operator's.
-    pub fn may_read(&self) -> bool {
-        self.operator || self.authenticated_vm().is_some()
-    }
-
-    /// Remembers the session's token (its digest and expiry).
-    pub fn set_token(&mut self, digest: [u8; 32], expires_at: std::time::SystemTime) {
-        self.token = Some((digest, expires_at));
-    }
-
-    /// Forgets the session's token, returning its digest (to revoke it).
-    pub fn take_token(&mut self) -> Option<[u8; 32]> {
-        self.token.take().map(|(digest, _)| digest)
-    }
-
-    /// The VM this session is authenticated as, checking `token` when the
-    /// request carries one: it must be this session's own, unexpired token.
-    pub fn authorized_vm(&self, token: Option<&str>) -> Result<&str> {
-        let vm = self
-            .authenticated_vm()
-            .ok_or_else(crate::Error::not_authenticated)?;
-        if let Some(token) = token {
-            let valid = self.token.is_some_and(|(digest, expires_at)| {
-                crate::secrets::matches_digest(token, &digest)
-                    && std::time::SystemTime::now() < expires_at
-            });
-            if !valid {
-                return Err(crate::Error::not_authenticated());
+    /// Completes when this VM session's token is revoked or expires; never
+    /// while the session is not a VM's. Borrows nothing, so it can wait
+    /// beside the connection's reads.
+    pub fn ended(&self) -> impl Future<Output = Ended> + Send + 'static {
+        let login = self
+            .vm_login()
+            .map(|login| (Arc::clone(&login.revocation), login.deadline));
+        async move {
+            let Some((revocation, deadline)) = login else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                () = revocation.wait() => Ended::Revoked,
+                () = tokio::time::sleep_until(deadline.into()) => Ended::Expired,
             }
         }
-        Ok(vm)
+    }
+
+    /// Ends the VM login if its token was revoked or has expired, so that
+    /// the next command sees the session as it now is. Returns why.
+    pub async fn settle(&mut self) -> Option<Ended> {
+        let ended = self.vm_login()?.ended()?;
+        self.end(ended).await;
+        Some(ended)
+    }
+
+    /// Ends the VM login because its token is no longer live.
+    pub async fn end(&mut self, why: Ended) {
+        tracing::info!(vm_id = ?self.info.vm_id, reason = why.as_str(), "session ended");
+        // Best effort: a lost write is rewritten by the presence loop.
+        let _ = self.logout().await;
     }
 
     /// Starts (or changes) the session's subscription to change events.

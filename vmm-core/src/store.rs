@@ -39,6 +39,11 @@ macro_rules! vm_select {
 }
 
 const VMS_BY_ID: &str = vm_select!("WHERE v.vm_id = ANY($1) GROUP BY v.vm_id ORDER BY v.vm_id");
+const VM_FOR_LOGIN: &str = vm_select!(
+    "WHERE v.vm_id = $1 AND ($2::bigint IS NULL OR EXISTS ( \
+        SELECT 1 FROM tokens t WHERE t.family = $2 AND t.vm_id = $1 AND t.expires_at > now())) \
+     GROUP BY v.vm_id"
+);
 const ALL_VMS: &str = vm_select!("GROUP BY v.vm_id ORDER BY v.vm_id");
 
 /// A VM as stored, with what only `all_vms` shows.
@@ -59,27 +64,98 @@ pub struct AuditEvent {
     pub action: String,
     pub outcome: String,
     pub detail: String,
+    /// How many times this happened: repeats of one outcome from one
+    /// address within a minute share a row.
+    #[serde(default = "one")]
+    pub count: i64,
+    /// When the last repeat happened (`null` when there was none).
+    #[serde(default)]
+    pub last_at: Option<Timestamp>,
 }
 
-/// See [`Store::login_state`].
+fn one() -> i64 {
+    1
+}
+
+/// See [`Store::reserve_login`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoginState {
+pub struct Reservation {
+    /// The VM's password hash, when a VM was named and exists.
     pub password_hash: Option<String>,
-    /// Set while one of the keys is blocked.
-    pub retry_after_ms: Option<i64>,
-    /// Whether the first key (the VM's) has failures on record.
-    pub has_failures: bool,
+    /// `Some` when the attempt may not run. Nothing was reserved then.
+    pub refused: Option<Refused>,
 }
 
-/// Login throttling: after `limit` failures of one key with no quiet
-/// `window` between them, the key is blocked for `base`, doubled with each
-/// further failure, at most `cap`.
+/// Why a throttling key refused an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub key: String,
+    pub retry_after_ms: i64,
+    /// Blocked after failures; otherwise only full of attempts that are
+    /// still running (try again in a moment).
+    pub blocked: bool,
+}
+
+/// A live session token, as a login by token finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The session family the token names.
+    pub family: i64,
+    pub expires_at: SystemTime,
+}
+
+/// What a VM session's authority is checked against: its token family and,
+/// when the request carries a `token`, that token's digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authority<'a> {
+    pub family: i64,
+    pub token: Option<&'a [u8; 32]>,
+}
+
+/// How a check of a session's token came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCheck {
+    Valid,
+    /// The family is live but the `token` given is not its token.
+    WrongToken,
+    /// The family's token is revoked or expired: the session is over.
+    Revoked,
+}
+
+impl TokenCheck {
+    fn of(live: bool, matches: bool) -> TokenCheck {
+        match (live, matches) {
+            (false, _) => TokenCheck::Revoked,
+            (true, false) => TokenCheck::WrongToken,
+            (true, true) => TokenCheck::Valid,
+        }
+    }
+}
+
+/// The outcome of [`Store::update`] that is not an error of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Updated {
+    Done(VmView),
+    Refused(TokenCheck),
+}
+
+/// Login throttling: a key may have `limit` attempts running or failed with
+/// no quiet `window` between them; once `limit` have failed it is blocked
+/// for `base`, and after each further failure (one attempt at a time is let
+/// through once a block has passed) for twice as long as the last, at most
+/// `cap`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Throttle {
     pub limit: u32,
     pub window: Duration,
     pub base: Duration,
     pub cap: Duration,
+}
+
+impl Throttle {
+    fn limit_sql(&self) -> i32 {
+        i32::try_from(self.limit).unwrap_or(i32::MAX)
+    }
 }
 
 impl Default for Throttle {
@@ -335,96 +411,156 @@ impl Store {
         Ok(row.map(|row| row.get(0)))
     }
 
-    /// What a login needs before checking the password, in one statement:
-    /// the VM's hash (if it exists), how long its keys are still blocked (if
-    /// they are), and whether the VM's key has failures on record.
-    pub async fn login_state(&self, vm_id: &str, keys: &[String]) -> Result<LoginState> {
-        let row = self.query_one("SELECT (SELECT password_hash FROM vms WHERE vm_id = $1), \
-                        (SELECT ceil(extract(epoch FROM max(blocked_until) - now()) * 1000)::bigint \
-                           FROM login_failures WHERE key = ANY($2) AND blocked_until > now()), \
-                        EXISTS (SELECT 1 FROM login_failures WHERE key = $2[1])", &[&vm_id, &keys]).await?;
-        Ok(LoginState {
-            password_hash: row.get(0),
-            retry_after_ms: row.get::<_, Option<i64>>(1).map(|ms| ms.max(1)),
-            has_failures: row.get(2),
-        })
-    }
-
-    /// Counts a failed login against each key, in one statement. A key's
-    /// count starts over once it has been quiet for `window` (and is not
-    /// blocked); from `limit` failures on, each failure blocks the key for
-    /// `base` doubled per further failure, at most `cap`.
-    pub async fn record_failure(&self, keys: &[String], throttle: &Throttle) -> Result<()> {
-        self.execute("INSERT INTO login_failures AS f (key, failures, last_at, blocked_until) \
-                 SELECT k, 1, now(), CASE WHEN 1 >= $5::int THEN now() + $3::float8 * interval '1 second' END \
-                 FROM unnest($1::text[]) AS k \
-                 ON CONFLICT (key) DO UPDATE SET \
-                     failures = CASE WHEN f.last_at < now() - $2::float8 * interval '1 second' \
-                                      AND coalesce(f.blocked_until < now() - $2::float8 * interval '1 second', true) \
-                                     THEN 1 ELSE f.failures + 1 END, \
-                     last_at = now(), \
-                     blocked_until = CASE \
-                         WHEN (CASE WHEN f.last_at < now() - $2::float8 * interval '1 second' \
-                                     AND coalesce(f.blocked_until < now() - $2::float8 * interval '1 second', true) \
-                                    THEN 1 ELSE f.failures + 1 END) >= $5::int \
-                         THEN now() + LEAST($4::float8, $3::float8 * power(2, LEAST( \
-                             f.failures + 1 - $5::int, 30))) * interval '1 second' \
-                         ELSE f.blocked_until END", &[
+    /// Reserves a login attempt under every key at once, in one statement,
+    /// before any password is checked, and fetches `vm_id`'s password hash
+    /// with it. See `vmm_login_reserve` (migration V7): an attempt counts as
+    /// soon as it starts, so attempts racing on many connections and
+    /// instances cannot outnumber the limit.
+    pub async fn reserve_login(
+        &self,
+        vm_id: Option<&str>,
+        keys: &[String],
+        throttle: &Throttle,
+    ) -> Result<Reservation> {
+        let row = self
+            .query_one(
+                "SELECT r.retry_after_ms, r.refused_key, r.blocked, \
+                        (SELECT password_hash FROM vms WHERE vm_id = $1) \
+                 FROM vmm_login_reserve($2, $3, $4) AS r",
+                &[
+                    &vm_id,
                     &keys,
+                    &throttle.limit_sql(),
                     &throttle.window.as_secs_f64(),
-                    &throttle.base.as_secs_f64(),
-                    &throttle.cap.as_secs_f64(),
-                    &i32::try_from(throttle.limit).unwrap_or(i32::MAX),
                 ],
             )
             .await?;
+        let refused = match (
+            row.get::<_, Option<i64>>(0),
+            row.get::<_, Option<String>>(1),
+            row.get::<_, Option<bool>>(2),
+        ) {
+            (Some(retry_after_ms), Some(key), blocked) => Some(Refused {
+                key,
+                retry_after_ms,
+                blocked: blocked.unwrap_or(false),
+            }),
+            _ => None,
+        };
+        Ok(Reservation {
+            password_hash: row.get(3),
+            refused,
+        })
+    }
+
+    /// A reserved attempt failed: it stays counted, and blocks its keys once
+    /// they have failed the limit's number of times.
+    pub async fn login_failed(&self, keys: &[String], throttle: &Throttle) -> Result<()> {
+        self.execute(
+            "SELECT vmm_login_failed($1, $2, $3, $4)",
+            &[
+                &keys,
+                &throttle.limit_sql(),
+                &throttle.base.as_secs_f64(),
+                &throttle.cap.as_secs_f64(),
+            ],
+        )
+        .await?;
         Ok(())
     }
 
-    /// Forgets a key's failures (after a successful login).
-    pub async fn clear_failures(&self, key: &str) -> Result<()> {
-        self.execute("DELETE FROM login_failures WHERE key = $1", &[&key])
+    /// Gives back the reservation of an attempt that succeeded (or never
+    /// got to check anything), in one statement; `forget` (the VM's key
+    /// after a successful login) is cleared altogether.
+    pub async fn release_login(&self, keys: &[String], forget: Option<&str>) -> Result<()> {
+        self.execute("SELECT vmm_login_release($1, $2)", &[&keys, &forget])
             .await?;
         Ok(())
     }
 
-    /// Stores a new session token's digest; returns when it expires.
+    /// Stores a new session token's digest under its family; returns when
+    /// it expires. Expired tokens go at the same time.
     pub async fn issue_token(
         &self,
         vm_id: &str,
         digest: &[u8; 32],
+        family: i64,
         ttl: Duration,
     ) -> Result<SystemTime> {
         let row = self
             .query_one(
-                "WITH expired AS (DELETE FROM tokens WHERE expires_at < now()) \
-                 INSERT INTO tokens (token_hash, vm_id, expires_at) \
-                 VALUES ($1, $2, now() + $3::float8 * interval '1 second') RETURNING expires_at",
-                &[&digest.as_slice(), &vm_id, &ttl.as_secs_f64()],
+                "WITH expired AS (DELETE FROM tokens WHERE expires_at < now())                  INSERT INTO tokens (token_hash, vm_id, family, expires_at)                  VALUES ($1, $2, $3, now() + $4::float8 * interval '1 second') RETURNING expires_at",
+                &[&digest.as_slice(), &vm_id, &family, &ttl.as_secs_f64()],
             )
             .await?;
         Ok(row.get(0))
     }
 
-    /// When a live token of `vm_id` with this digest expires, if there is one.
-    pub async fn token_expiry(&self, vm_id: &str, digest: &[u8; 32]) -> Result<Option<SystemTime>> {
+    /// The live token of `vm_id` with this digest, if there is one.
+    pub async fn find_token(&self, vm_id: &str, digest: &[u8; 32]) -> Result<Option<TokenGrant>> {
         let row = self
             .query_opt(
-                "SELECT expires_at FROM tokens \
-                 WHERE token_hash = $1 AND vm_id = $2 AND expires_at > now()",
+                "SELECT family, expires_at FROM tokens                  WHERE token_hash = $1 AND vm_id = $2 AND expires_at > now()",
                 &[&digest.as_slice(), &vm_id],
             )
             .await?;
-        Ok(row.map(|row| row.get(0)))
+        Ok(row.map(|row| TokenGrant {
+            family: row.get(0),
+            expires_at: row.get(1),
+        }))
     }
 
-    pub async fn revoke_token(&self, digest: &[u8; 32]) -> Result<()> {
-        self.execute(
-            "DELETE FROM tokens WHERE token_hash = $1",
-            &[&digest.as_slice()],
-        )
-        .await?;
-        Ok(())
+    /// Checks a session's token family, and the token the request carries,
+    /// against the live token store.
+    pub async fn check_token(&self, authority: Authority<'_>) -> Result<TokenCheck> {
+        let row = self
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE family = $1 AND expires_at > now()),                         EXISTS (SELECT 1 FROM tokens WHERE family = $1 AND expires_at > now()                                 AND ($2::bytea IS NULL OR token_hash = $2))",
+                &[&authority.family, &authority.token.map(<[u8; 32]>::as_slice)],
+            )
+            .await?;
+        Ok(TokenCheck::of(row.get(0), row.get(1)))
+    }
+
+    /// Revokes a session family's token (a logout), telling every instance.
+    /// With a `token`, only if it is the family's: `Revoked` when the family
+    /// was already gone.
+    pub async fn revoke_family(&self, authority: Authority<'_>) -> Result<TokenCheck> {
+        let row = self
+            .query_one(
+                "WITH gone AS (                      DELETE FROM tokens WHERE family = $1                      AND ($2::bytea IS NULL OR token_hash = $2) RETURNING 1                  )                  SELECT EXISTS (SELECT 1 FROM gone)                         OR EXISTS (SELECT 1 FROM tokens WHERE family = $1 AND expires_at > now()),                         EXISTS (SELECT 1 FROM gone)",
+                &[&authority.family, &authority.token.map(<[u8; 32]>::as_slice)],
+            )
+            .await?;
+        Ok(TokenCheck::of(row.get(0), row.get(1)))
+    }
+
+    /// Revokes every token of a VM, telling every instance: each of its
+    /// sessions ends. `None` when there is no such VM.
+    pub async fn revoke_vm(&self, vm_id: &str) -> Result<Option<u64>> {
+        let row = self
+            .query_one(
+                "WITH gone AS (DELETE FROM tokens WHERE vm_id = $1 RETURNING 1)                  SELECT EXISTS (SELECT 1 FROM vms WHERE vm_id = $1), (SELECT count(*) FROM gone)",
+                &[&vm_id],
+            )
+            .await?;
+        let exists: bool = row.get(0);
+        let revoked: i64 = row.get(1);
+        Ok(exists.then(|| u64::try_from(revoked).unwrap_or_default()))
+    }
+
+    /// Which of these session families still have a live token.
+    pub async fn live_families(&self, families: &[i64]) -> Result<Vec<i64>> {
+        if families.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .query(
+                "SELECT family FROM tokens WHERE family = ANY($1) AND expires_at > now()",
+                &[&families],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     /// Appends to the audit trail.
@@ -436,11 +572,35 @@ impl Store {
         action: &str,
         outcome: &str,
         detail: &str,
-    ) -> Result<()> {
+    ) -> Result<i64> {
+        let row = self
+            .query_one(
+                "INSERT INTO audit (instance_id, peer, vm_id, action, outcome, detail) \
+                 VALUES (NULLIF($1::bigint, 0), $2, $3, $4, $5, $6) RETURNING id",
+                &[&instance_id, &peer, &vm_id, &action, &outcome, &detail],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Adds repeats to audit rows, in one statement: `(id, repeats, last
+    /// repeat, whether the repeats named other VMs than the row)`.
+    pub async fn add_repeats(&self, repeats: &[(i64, i64, SystemTime, bool)]) -> Result<()> {
+        if repeats.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = repeats.iter().map(|r| r.0).collect();
+        let counts: Vec<i64> = repeats.iter().map(|r| r.1).collect();
+        let lasts: Vec<SystemTime> = repeats.iter().map(|r| r.2).collect();
+        let mixed: Vec<bool> = repeats.iter().map(|r| r.3).collect();
         self.execute(
-            "INSERT INTO audit (instance_id, peer, vm_id, action, outcome, detail) \
-                 VALUES (NULLIF($1::bigint, 0), $2, $3, $4, $5, $6)",
-            &[&instance_id, &peer, &vm_id, &action, &outcome, &detail],
+            "UPDATE audit a SET count = a.count + r.n, \
+                 last_at = GREATEST(a.last_at, r.last), \
+                 vm_id = CASE WHEN r.mixed THEN NULL ELSE a.vm_id END \
+             FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bool[]) \
+                 AS r(id, n, last, mixed) \
+             WHERE a.id = r.id",
+            &[&ids, &counts, &lasts, &mixed],
         )
         .await?;
         Ok(())
@@ -450,7 +610,8 @@ impl Store {
     pub async fn audit_trail(&self, vm_id: Option<&str>, limit: i64) -> Result<Vec<AuditEvent>> {
         let rows = self
             .query(
-                "SELECT id, at, instance_id, peer, vm_id, action, outcome, detail FROM audit \
+                "SELECT id, at, instance_id, peer, vm_id, action, outcome, detail, count, last_at \
+                 FROM audit \
                  WHERE $1::text IS NULL OR vm_id = $1 ORDER BY id DESC LIMIT $2",
                 &[&vm_id, &limit],
             )
@@ -466,6 +627,8 @@ impl Store {
                 action: row.get(5),
                 outcome: row.get(6),
                 detail: row.get(7),
+                count: row.get(8),
+                last_at: row.get::<_, Option<SystemTime>>(9).map(Timestamp),
             })
             .collect())
     }
@@ -505,6 +668,13 @@ impl Store {
         Ok(self.vms(&[vm_id]).await?.pop().map(|record| record.view))
     }
 
+    /// The VM a session is entering, if it exists and, when the session
+    /// comes with a token family, that family's token is still live.
+    pub async fn vm_for_login(&self, vm_id: &str, family: Option<i64>) -> Result<Option<VmView>> {
+        let row = self.query_opt(VM_FOR_LOGIN, &[&vm_id, &family]).await?;
+        Ok(row.map(|row| record(&row).view))
+    }
+
     pub async fn all_vms(&self) -> Result<Vec<VmRecord>> {
         let rows = self.query(ALL_VMS, &[]).await?;
         Ok(rows.iter().map(record).collect())
@@ -524,32 +694,55 @@ impl Store {
             .collect())
     }
 
-    /// Applies an update to one VM, all or nothing. Named disks must belong to
-    /// the VM and may only grow; the VM row is locked first so that concurrent
-    /// updates of one VM cannot together exceed the disk limit.
+    /// Applies an update to one VM, all or nothing, if the session's token
+    /// is still live (checked in the same statement that locks the VM, so
+    /// a revoked session cannot write after its revocation committed).
+    /// Named disks must belong to the VM and may only grow.
+    ///
+    /// The VM row is locked first, and its disks counted after the lock, so
+    /// that concurrent updates of one VM cannot together exceed the disk
+    /// limit; the `disks_per_vm` trigger (migration V7) holds the limit for
+    /// every other writer too.
     ///
     /// The change, with old and new values, goes to the audit trail in the
     /// same transaction, as `(instance_id, peer)`.
-    pub async fn update(&self, vm_id: &str, update: &VmUpdate, by: (i64, &str)) -> Result<VmView> {
+    pub async fn update(
+        &self,
+        vm_id: &str,
+        authority: Authority<'_>,
+        update: &VmUpdate,
+        by: (i64, &str),
+    ) -> Result<Updated> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
 
         let lock = tx
             .prepare_cached(
-                "SELECT (SELECT count(*) FROM disks WHERE vm_id = $1), ram, cpu FROM vms \
-                 WHERE vm_id = $1 FOR UPDATE",
+                "SELECT ram, cpu, \
+                   EXISTS (SELECT 1 FROM tokens WHERE family = $2 AND vm_id = $1 \
+                           AND expires_at > now()), \
+                   EXISTS (SELECT 1 FROM tokens WHERE family = $2 AND vm_id = $1 \
+                           AND expires_at > now() AND ($3::bytea IS NULL OR token_hash = $3)) \
+                 FROM vms WHERE vm_id = $1 FOR NO KEY UPDATE",
             )
             .await?;
-        let Some(row) = tx.query_opt(&lock, &[&vm_id]).await? else {
+        let token = authority.token.map(<[u8; 32]>::as_slice);
+        let Some(row) = tx
+            .query_opt(&lock, &[&vm_id, &authority.family, &token])
+            .await?
+        else {
             return Err(Error::new(ErrorCode::NotFound, "this VM no longer exists"));
         };
-        let disk_count: i64 = row.get(0);
+        let check = TokenCheck::of(row.get(2), row.get(3));
+        if check != TokenCheck::Valid {
+            return Ok(Updated::Refused(check));
+        }
         let mut changes = Vec::new();
         if let Some(ram) = update.ram {
-            changes.push(format!("ram {}→{ram} MiB", uint(row.get(1))));
+            changes.push(format!("ram {}→{ram} MiB", uint(row.get(0))));
         }
         if let Some(cpu) = update.cpu {
-            changes.push(format!("cpu {}→{cpu}", uint(row.get(2))));
+            changes.push(format!("cpu {}→{cpu}", uint(row.get(1))));
         }
 
         if !update.resize.is_empty() {
@@ -587,10 +780,16 @@ impl Store {
         }
 
         if !update.attach.is_empty() {
+            // Counted after the lock, in a statement of its own: its snapshot
+            // sees the disks of every update of this VM that committed before.
+            let count = tx
+                .prepare_cached("SELECT count(*) FROM disks WHERE vm_id = $1")
+                .await?;
+            let disk_count: i64 = tx.query_one(&count, &[&vm_id]).await?.get(0);
             let total = usize::try_from(disk_count).unwrap_or(usize::MAX) + update.attach.len();
             if total > crate::protocol::limits::MAX_DISKS {
                 return Err(Error::invalid_params(format!(
-                    "disks: a VM has at most {} disks, this would make {total}",
+                    "`disks`: a VM has at most {} disks, this would make {total}",
                     crate::protocol::limits::MAX_DISKS
                 )));
             }
@@ -616,7 +815,7 @@ impl Store {
         let set = tx
             .prepare_cached(
                 "UPDATE vms SET ram = COALESCE($2, ram), cpu = COALESCE($3, cpu), \
-                 updated_at = now() WHERE vm_id = $1",
+                 updated_at = clock_timestamp() WHERE vm_id = $1",
             )
             .await?;
         tx.execute(&set, &[&vm_id, &update.ram.map(int), &update.cpu.map(int)])
@@ -624,7 +823,7 @@ impl Store {
 
         let view = Self::fetch_one(&tx, vm_id).await?;
         tx.commit().await?;
-        Ok(view)
+        Ok(Updated::Done(view))
     }
 
     async fn fetch_one(tx: &deadpool_postgres::Transaction<'_>, vm_id: &str) -> Result<VmView> {

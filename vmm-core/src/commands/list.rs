@@ -1,4 +1,6 @@
-//! `list`: what the server knows, for an authenticated session. Each list is a
+//! `list`: what the server knows, for an authenticated session (a VM's or an
+//! operator's; a `token` in `data`, when a VM session gives one, must be its
+//! live token). Each list is a
 //! constant number of queries whatever the number of VMs, disks or sessions.
 //!
 //! ```text
@@ -75,9 +77,7 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             return Err(Error::not_authenticated());
         }
         let p: Params = params::parse(data)?;
-        if !session.is_operator() {
-            session.authorized_vm(p.token.as_deref())?;
-        }
+        super::check_token(ctx, session, p.token.as_deref()).await?;
         let kind = list_type(&p.list_type)?;
         let reply = |count: usize| Success::new(format!("{count} {}", kind.as_str()));
         match kind {

@@ -11,7 +11,10 @@
 //!
 //! A taken `vm_id` is `already_exists`, also when two registrations race.
 //! When the server has an enrollment secret (`--registration-secret`),
-//! `data.registration_secret` must equal it, else `forbidden`.
+//! `data.registration_secret` must equal it, else `forbidden`. Guesses are
+//! throttled per client address like passwords: each reserves its place
+//! before the secret is compared, a right secret gives it back, and after 5
+//! wrong ones the address gets `too_many_attempts` (with `retry_after_ms`).
 
 use serde::Deserialize;
 
@@ -57,8 +60,17 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
         let p: Params = params::parse(data)?;
         params::vm_id(&p.vm_id)?;
         if let Some(expected) = &ctx.config.registration_secret {
+            let keys = [format!("enroll:{}", session.peer_ip())];
+            let throttle = &ctx.config.throttle;
+            let reservation = ctx.store.reserve_login(None, &keys, throttle).await?;
+            if let Some(refused) = reservation.refused {
+                return Err(super::authenticate::throttled(ctx, session, None, &refused).await);
+            }
             let given = p.registration_secret.as_deref().unwrap_or_default();
-            if !secrets::same(given, expected) {
+            if secrets::same(given, expected) {
+                ctx.store.release_login(&keys, None).await?;
+            } else {
+                ctx.store.login_failed(&keys, throttle).await?;
                 tracing::warn!("registration refused: wrong or missing enrollment secret");
                 let detail = if p.registration_secret.is_some() {
                     "wrong enrollment secret"

@@ -10,7 +10,13 @@
 //! A disk with `id` is resized in place and keeps its id; it must be this
 //! VM's (else `not_found`) and may not shrink. A disk without `id` is a new
 //! disk. Disks not named are left alone (the old server deleted and
-//! re-created them all, with new ids).
+//! re-created them all, with new ids). A VM has at most 64 disks, however
+//! many updates race on however many instances: the database enforces it
+//! (`invalid_params`, and nothing of that update is written).
+//!
+//! The session's token must still be live when the update runs: this is
+//! checked in the statement that locks the VM, so a revoked session cannot
+//! write after its revocation committed (`not_authenticated`).
 
 use std::collections::HashSet;
 
@@ -21,8 +27,9 @@ use crate::error::{Error, Result};
 use crate::params;
 use crate::protocol::{Data, limits};
 use crate::registry::{Command, HandlerFuture, Success};
-use crate::session::Session;
-use crate::store::VmUpdate;
+use crate::secrets;
+use crate::session::{Ended, Session};
+use crate::store::{Authority, TokenCheck, Updated, VmUpdate};
 
 inventory::submit! {
     Command {
@@ -94,14 +101,26 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
                 "an operator session is not a VM: authenticate as the VM to update it",
             ));
         }
-        if session.authenticated_vm().is_none() {
+        let (Some(vm_id), Some(login)) = (session.authenticated_vm(), session.vm_login()) else {
             return Err(Error::not_authenticated());
-        }
+        };
+        let (vm_id, family) = (vm_id.to_owned(), login.family());
         let p: Params = params::parse(data)?;
-        let vm_id = session.authorized_vm(p.token.as_deref())?.to_owned();
+        let digest = p.token.as_deref().map(secrets::digest);
         let update = validate(p)?;
+        let authority = Authority {
+            family,
+            token: digest.as_ref(),
+        };
         let by = (ctx.sessions.instance_id(), session.peer());
-        let vm = ctx.store.update(&vm_id, &update, by).await?;
+        let vm = match ctx.store.update(&vm_id, authority, &update, by).await? {
+            Updated::Done(vm) => vm,
+            Updated::Refused(TokenCheck::Revoked) => {
+                session.end(Ended::Revoked).await;
+                return Err(super::token_refused(TokenCheck::Revoked));
+            }
+            Updated::Refused(check) => return Err(super::token_refused(check)),
+        };
         tracing::info!(
             vm_id = %vm_id,
             ram = ?update.ram,
