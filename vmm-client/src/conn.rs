@@ -188,6 +188,10 @@ pub enum Op {
         vm_id: Option<String>,
         limit: Option<u32>,
     },
+    /// End every session of a VM (operator sessions).
+    Revoke {
+        vm_id: String,
+    },
 }
 
 impl Op {
@@ -204,6 +208,7 @@ impl Op {
             Op::Help => "help",
             Op::Operator { .. } => "authenticate",
             Op::Audit { .. } => "audit",
+            Op::Revoke { .. } => "revoke",
         }
     }
 
@@ -219,6 +224,7 @@ impl Op {
             Op::List(kind) => json!({"list_type": kind.as_str()}),
             Op::Update(update) => update.to_data(),
             Op::Operator { admin_token } => json!({"admin_token": admin_token}),
+            Op::Revoke { vm_id } => json!({"vm_id": vm_id}),
             Op::Audit { vm_id, limit } => {
                 let mut data = serde_json::Map::new();
                 if let Some(vm_id) = vm_id {

@@ -116,7 +116,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Act as the operator: `list`, `audit` and `watch` open an operator
+    /// Act as the operator: `list`, `audit`, `revoke` and `watch` open an operator
     /// session with the admin token from $VMM_ADMIN_TOKEN instead of
     /// authenticating as a VM.
     #[arg(long, global = true)]
@@ -320,6 +320,12 @@ enum ClientCommand {
         limit: Option<u32>,
     },
 
+    /// End every session of a VM by revoking its tokens (needs --admin).
+    Revoke {
+        /// The VM whose sessions end.
+        vm_id: String,
+    },
+
     /// Send TEXT exactly as given and print the reply line(s) verbatim.
     Send {
         /// The raw request, e.g. '{"command": "ping"}'.
@@ -515,6 +521,14 @@ async fn one_shot(
                 ));
             }
             as_operator(addr, json, Op::Audit { vm_id, limit }).await
+        }
+        ClientCommand::Revoke { vm_id } => {
+            if !admin {
+                return Err(Failure::Usage(
+                    "revoke is for operators: add --admin (and set $VMM_ADMIN_TOKEN)".into(),
+                ));
+            }
+            as_operator(addr, json, Op::Revoke { vm_id }).await
         }
         ClientCommand::Update {
             login,

@@ -22,7 +22,7 @@ pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
             Ok(format!("{}\n{}", reply.message, vm_table(&vm)))
         }
         Op::Help => Ok(help_table(&field::<Vec<CommandHelp>>(reply, "commands")?)),
-        Op::Operator { .. } => Ok(reply.message.clone()),
+        Op::Operator { .. } | Op::Revoke { .. } => Ok(reply.message.clone()),
         Op::Audit { .. } => Ok(audit_table(field(reply, "events")?)),
         Op::List(kind) => {
             let key = kind.as_str();
@@ -38,8 +38,10 @@ pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
 
 fn audit_table(events: Vec<vmm_core::store::AuditEvent>) -> String {
     let mut table = table(
-        &["id", "at", "peer", "vm_id", "action", "outcome", "detail"],
-        &[0],
+        &[
+            "id", "at", "peer", "vm_id", "action", "outcome", "detail", "count", "last_at",
+        ],
+        &[0, 7],
     );
     for event in &events {
         table.add_row(vec![
@@ -50,6 +52,10 @@ fn audit_table(events: Vec<vmm_core::store::AuditEvent>) -> String {
             event.action.clone(),
             event.outcome.clone(),
             event.detail.clone(),
+            event.count.to_string(),
+            event
+                .last_at
+                .map_or_else(|| "-".into(), |at| at.to_string()),
         ]);
     }
     with_count(&table)

@@ -69,6 +69,41 @@ async fn the_operator_lists_and_reads_the_audit_trail() {
 }
 
 #[tokio::test]
+async fn the_operator_revokes_every_session_of_a_vm() {
+    let server = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
+    let mut vm = server.client().await;
+    vm.register(&registration("stolen", 64, vec![]))
+        .await
+        .unwrap();
+    let (_, token) = vm
+        .login("stolen", &vmm_tests::password_for("stolen"))
+        .await
+        .unwrap();
+    let mut thief = server.client().await;
+    thief.resume("stolen", &token).await.unwrap();
+    let addr = server.addr.to_string();
+
+    let (code, out, err) = client(&addr, &["--admin", "revoke", "stolen"], Some(ADMIN)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked 1 tokens of stolen"), "{out}");
+    // Both sessions end (within a second; polled here, not timed).
+    for session in [&mut vm, &mut thief] {
+        let deadline = vmm_tests::Deadline::new("the session to end");
+        while session.list_active().await.is_ok() {
+            deadline.tick().await;
+        }
+        let refused = session.list_active().await.unwrap_err();
+        assert_eq!(refused.code(), Some(vmm_core::ErrorCode::NotAuthenticated));
+    }
+
+    let (code, _, err) = client(&addr, &["--admin", "revoke", "nobody"], Some(ADMIN)).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not_found"), "{err}");
+    let (code, _, err) = client(&addr, &["revoke", "stolen"], Some(ADMIN)).await;
+    assert_eq!(code, 2, "revoke needs --admin: {err}");
+}
+
+#[tokio::test]
 async fn the_operator_watches_without_a_vm() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let server = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
