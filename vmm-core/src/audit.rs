@@ -17,11 +17,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::context::Context;
-use crate::presence::AbortOnDrop;
 use crate::store::Store;
 
 /// Repeats within this long of an event's first occurrence share its row.
@@ -241,14 +239,15 @@ impl AuditLog {
     }
 }
 
-/// Writes coalesced repeats every second until dropped.
-pub(crate) fn flush_every(context: Arc<Context>) -> AbortOnDrop {
-    AbortOnDrop::spawn(async move {
+impl AuditLog {
+    /// Writes coalesced repeats every second, for ever (the server runs it
+    /// as a task of its own).
+    pub async fn flush_every_second(&self) {
         let mut ticker = tokio::time::interval(FLUSH_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            context.audit_log.flush().await;
+            self.flush().await;
         }
-    })
+    }
 }

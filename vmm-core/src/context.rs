@@ -168,7 +168,9 @@ impl Context {
             .wait_until_ready(context.config.database_wait)
             .await?;
         context.store.migrate().await?;
-        crate::presence::join(&context)
+        context
+            .sessions
+            .join(&context.config.instance_name, context.config.instance_lease)
             .await
             .map_err(|err| SetupError(format!("cannot register this instance: {err}")))?;
         Ok(context)

@@ -1,22 +1,17 @@
-//! Change events for `watch`, shared by every instance on the database.
+//! Change events for `watch`, shared by every instance on the database: what
+//! an event and a topic are, and the fan-out to this instance's watchers.
 //!
 //! Triggers (migration V3) publish each change with NOTIFY, in commit order,
-//! whichever instance made it. Each instance keeps one dedicated connection
-//! that LISTENs and fans the events out to its watchers over a bounded
-//! broadcast channel: a watcher that falls behind by more than its capacity
-//! is disconnected instead of buffering without bound. Events that happen
-//! while the listening connection is down are lost; it reconnects with
-//! backoff.
+//! whichever instance made it; [`crate::listener`] receives them and sends
+//! them here. The fan-out is a bounded broadcast channel: a watcher that
+//! falls behind by more than its capacity is disconnected instead of
+//! buffering without bound.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
-
-use crate::context::Context;
-use crate::presence::AbortOnDrop;
+use tokio::sync::{broadcast, watch};
 
 /// The NOTIFY channel the triggers publish on.
 pub const CHANNEL: &str = "vmm_events";
@@ -63,7 +58,7 @@ pub struct Event {
 }
 
 impl Event {
-    fn from_payload(payload: &str) -> Option<Event> {
+    pub(crate) fn from_payload(payload: &str) -> Option<Event> {
         #[derive(Deserialize)]
         struct Head {
             event: String,
@@ -79,10 +74,10 @@ impl Event {
 /// The fan-out of events to this instance's watchers.
 #[derive(Debug)]
 pub struct Events {
-    sender: broadcast::Sender<Event>,
+    pub(crate) sender: broadcast::Sender<Event>,
     /// True while the listening connection is up: only then does a new
     /// watcher get every event after its `watch` reply.
-    listening: watch::Sender<bool>,
+    pub(crate) listening: watch::Sender<bool>,
 }
 
 impl Default for Events {
@@ -102,117 +97,6 @@ impl Events {
         let ready = tokio::time::timeout(patience, listening.wait_for(|up| *up)).await;
         matches!(ready, Ok(Ok(_))).then(|| self.sender.subscribe())
     }
-}
-
-/// The event that tells every instance which token families were revoked
-/// (migration V7); for the sessions, never for watchers.
-const REVOKED: &str = "tokens_revoked";
-
-/// Ends this instance's sessions of the revoked families.
-fn revoke(context: &Context, event: &Event) {
-    #[derive(Deserialize)]
-    struct Revoked {
-        data: Families,
-    }
-    #[derive(Deserialize)]
-    struct Families {
-        families: Vec<i64>,
-    }
-    let line = event.line.trim_end();
-    match serde_json::from_str::<Revoked>(line) {
-        Ok(revoked) => {
-            let told = context.sessions.revoke(&revoked.data.families);
-            if told > 0 {
-                tracing::info!(sessions = told, "token revoked: ending its sessions");
-            }
-        }
-        Err(_) => tracing::warn!("ignoring a malformed revocation"),
-    }
-}
-
-/// Revocations committed while this instance was not listening reached no
-/// one here: after (re)connecting, the families of its VM sessions are
-/// checked against the token store, in one query, and the dead ones end.
-async fn revoke_missed(context: &Context) {
-    let families = context.sessions.live_families();
-    if families.is_empty() {
-        return;
-    }
-    match context.store.live_families(&families).await {
-        Ok(live) => {
-            let live: std::collections::HashSet<i64> = live.into_iter().collect();
-            let dead: Vec<i64> = families.into_iter().filter(|f| !live.contains(f)).collect();
-            let told = context.sessions.revoke(&dead);
-            if told > 0 {
-                tracing::info!(
-                    sessions = told,
-                    "tokens revoked while not listening: ending their sessions"
-                );
-            }
-        }
-        Err(err) => tracing::warn!(error = %err, "cannot check for missed revocations"),
-    }
-}
-
-/// Listens for events until dropped, reconnecting when the connection fails.
-pub(crate) fn listen(context: Arc<Context>) -> AbortOnDrop {
-    AbortOnDrop::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let result = relay(&context).await;
-            context.events.listening.send_replace(false);
-            match result {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(err) => {
-                    tracing::warn!(error = %err, "event listener disconnected; events are lost until it is back");
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    })
-}
-
-/// One listening connection's life: LISTEN, then forward every notification.
-async fn relay(context: &Context) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) =
-        tokio_postgres::connect(&context.config.database_url, NoTls).await?;
-    let (notes, mut received) = mpsc::channel(WATCHER_BACKLOG);
-    // The connection must be polled for the LISTEN to complete and for
-    // notifications to arrive: a task drives it and hands them over.
-    let driver = AbortOnDrop::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(note))) => {
-                    if notes.send(note).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "event connection failed");
-                    break;
-                }
-                None => break,
-            }
-        }
-    });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-    tracing::debug!("listening for events");
-    let events = &context.events;
-    events.listening.send_replace(true);
-    revoke_missed(context).await;
-    while let Some(note) = received.recv().await {
-        match Event::from_payload(note.payload()) {
-            Some(event) if &*event.name == REVOKED => revoke(context, &event),
-            // No receiver is fine: nobody is watching.
-            Some(event) => drop(events.sender.send(event)),
-            None => tracing::warn!("ignoring a malformed event"),
-        }
-    }
-    events.listening.send_replace(false);
-    drop(driver);
-    Ok(())
 }
 
 #[cfg(test)]

@@ -19,8 +19,10 @@
 //! - [`params`]: strict decoding and validation of a command's `data`.
 //! - [`session`]: the live sessions of every instance, and the calling
 //!   connection's own.
-//! - [`events`]: change events from every instance (PostgreSQL
-//!   LISTEN/NOTIFY), for `watch`.
+//! - [`events`]: change events from every instance, for `watch`: events,
+//!   topics, and the fan-out to this instance's watchers.
+//! - [`listener`]: the connection that LISTENs for every instance's NOTIFY:
+//!   change events, and token revocations that end sessions here.
 //! - [`presence`]: this instance's lease in the shared database, which is
 //!   how instances see each other's sessions and notice each other's death.
 //! - [`store`]: the only module that talks to PostgreSQL, and the migrations.
@@ -69,6 +71,7 @@ pub mod connection;
 pub mod context;
 pub mod error;
 pub mod events;
+pub mod listener;
 pub mod params;
 pub mod password;
 pub mod presence;
@@ -78,6 +81,7 @@ pub mod secrets;
 pub mod server;
 pub mod session;
 pub mod store;
+mod task;
 pub mod tls;
 
 pub use client::Client;

@@ -10,24 +10,12 @@
 
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::context::Context;
 use crate::error::Result;
 use crate::session::Change;
-
-/// Registers this instance. Called by [`Context::connect`]; a context made
-/// with [`Context::new`] joins at its first successful renewal instead.
-pub async fn join(context: &Context) -> Result<()> {
-    let id = context
-        .store
-        .join_instance(&context.config.instance_name, context.config.instance_lease)
-        .await?;
-    context.sessions.set_instance_id(id);
-    tracing::info!(instance = id, name = %context.config.instance_name, "joined");
-    Ok(())
-}
+use crate::task::AbortOnDrop;
 
 /// One round: join or renew, then rewrite the sessions if writes were lost.
 async fn renew(context: &Context) -> Result<()> {
@@ -35,7 +23,9 @@ async fn renew(context: &Context) -> Result<()> {
     let config = &context.config;
     let id = sessions.instance_id();
     if id == 0 {
-        join(context).await?;
+        sessions
+            .join(&config.instance_name, config.instance_lease)
+            .await?;
         return Ok(());
     }
     if context
@@ -135,24 +125,5 @@ pub(crate) async fn leave(context: &Context) {
     }
     if let Err(err) = context.store.leave_instance(id).await {
         tracing::warn!(error = %err, "could not remove this instance; its lease will run out");
-    }
-}
-
-/// A task that is aborted when this handle is dropped, so that it cannot
-/// outlive the server that started it (not even an aborted one).
-#[derive(Debug)]
-pub(crate) struct AbortOnDrop(JoinHandle<()>);
-
-impl AbortOnDrop {
-    pub(crate) fn spawn(
-        task: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> AbortOnDrop {
-        AbortOnDrop(tokio::spawn(task))
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

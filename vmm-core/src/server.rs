@@ -40,9 +40,12 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
     let per_ip = Arc::new(PerIp::default());
     let presence = crate::presence::maintain(Arc::clone(&context));
-    let events = crate::events::listen(Arc::clone(&context));
+    let events = crate::listener::listen(Arc::clone(&context));
     let writer = crate::presence::write_behind(Arc::clone(&context));
-    let audit = crate::audit::flush_every(Arc::clone(&context));
+    let audit = {
+        let context = Arc::clone(&context);
+        crate::task::AbortOnDrop::spawn(async move { context.audit_log.flush_every_second().await })
+    };
     tokio::pin!(shutdown);
 
     loop {

@@ -28,33 +28,8 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use crate::error::Result;
 use crate::events::{Event, Topic};
 use crate::protocol::Timestamp;
+pub use crate::store::SessionInfo;
 use crate::store::Store;
-
-/// A snapshot of one session, as the lists show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionInfo {
-    /// Unique across instances: the instance id in the high 32 bits.
-    pub id: u64,
-    pub instance_id: i64,
-    pub peer: String,
-    pub connected_at: Timestamp,
-    /// The VM this connection registered or last authenticated as.
-    pub vm_id: Option<String>,
-    /// When the session authenticated, while it is authenticated (as `vm_id`).
-    pub authenticated_at: Option<Timestamp>,
-    /// Bumped by every change, so that a late write never undoes a newer one.
-    pub version: i64,
-}
-
-impl SessionInfo {
-    pub fn is_authenticated(&self) -> bool {
-        self.authenticated_at.is_some()
-    }
-
-    pub(crate) fn db_id(&self) -> i64 {
-        i64::try_from(self.id).unwrap_or(i64::MAX)
-    }
-}
 
 /// A connection opened or closed, waiting to be written.
 #[derive(Debug)]
@@ -247,8 +222,14 @@ impl Sessions {
         self.instance_id.load(Ordering::Acquire)
     }
 
-    pub(crate) fn set_instance_id(&self, id: i64) {
+    /// Registers this instance among those sharing the database (called by
+    /// [`crate::Context::connect`]; a context made with
+    /// [`crate::Context::new`] joins at its first successful renewal).
+    pub async fn join(&self, name: &str, lease: std::time::Duration) -> Result<()> {
+        let id = self.store.join_instance(name, lease).await?;
         self.instance_id.store(id, Ordering::Release);
+        tracing::info!(instance = id, name = %name, "joined");
+        Ok(())
     }
 
     pub(crate) fn mark_dirty(&self) {

@@ -15,7 +15,6 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Error, Result};
 use crate::protocol::{DiskEntry, DiskView, ErrorCode, Timestamp, VmView};
-use crate::session::SessionInfo;
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -51,6 +50,32 @@ const ALL_VMS: &str = vm_select!("GROUP BY v.vm_id ORDER BY v.vm_id");
 pub struct VmRecord {
     pub view: VmView,
     pub last_seen_at: Option<Timestamp>,
+}
+
+/// A snapshot of one session, as the lists show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Unique across instances: the instance id in the high 32 bits.
+    pub id: u64,
+    pub instance_id: i64,
+    pub peer: String,
+    pub connected_at: Timestamp,
+    /// The VM this connection registered or last authenticated as.
+    pub vm_id: Option<String>,
+    /// When the session authenticated, while it is authenticated (as `vm_id`).
+    pub authenticated_at: Option<Timestamp>,
+    /// Bumped by every change, so that a late write never undoes a newer one.
+    pub version: i64,
+}
+
+impl SessionInfo {
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated_at.is_some()
+    }
+
+    pub(crate) fn db_id(&self) -> i64 {
+        i64::try_from(self.id).unwrap_or(i64::MAX)
+    }
 }
 
 /// One entry of the audit trail.
