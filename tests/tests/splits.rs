@@ -4,10 +4,10 @@
 //! One stream of valid requests (compact, pretty-printed over several lines,
 //! back to back without separators, padded with whitespace, plus one line of
 //! invalid JSON and four unfinished values, each followed by a newline) is
-//! sent to a fresh server in one write, then to a fresh
-//! server per split pattern in chunks. The replies must be equal once the
-//! values the server assigns (times, session ids, peers, tokens, disk ids
-//! relative to the first) are normalised.
+//! sent to a fresh server in one write, then to a fresh server per split
+//! pattern in chunks. The replies must be equal once the values the server
+//! assigns (times, session ids, peers, tokens, disk ids relative to the
+//! first) are normalised.
 //!
 //! The split patterns come from a seeded generator: set `VMM_SPLITS_SEED` to
 //! try other ones. A failure prints the seed and the chunk boundaries.
