@@ -594,6 +594,22 @@ mod tests {
             frames(b"  {\"a\":1 \"x\" [2]\n[3]\n", 1000),
             vec![Frame::Invalid, Frame::Value(json!([3]))]
         );
+        // A pretty-printed value broken mid-line: its later lines are read
+        // as values of their own (here a string, then two invalid ones),
+        // since where it would have ended cannot be known.
+        assert_eq!(
+            frames(
+                b"{\n  \"command\": nope,\n  \"id\": 1\n}\n{\"c\":2}\n",
+                1000
+            ),
+            vec![
+                Frame::Invalid,
+                Frame::Value(json!("id")),
+                Frame::Invalid,
+                Frame::Invalid,
+                Frame::Value(json!({"c": 2}))
+            ]
+        );
         // A raw newline in a string breaks it at once: decoding goes on
         // after the newline, and the rest of the broken value's second line
         // is read as values of its own.
