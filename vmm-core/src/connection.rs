@@ -7,7 +7,7 @@
 //! may be pretty-printed over several lines, separated by whitespace, or
 //! follow each other with no separator.
 //!
-//! An object or array goes through a JSON syntax checker ([`syntax`]) as it
+//! An object or array goes through a JSON syntax checker (`syntax.rs`) as it
 //! arrives, so a broken one is answered at once instead of swallowing the
 //! requests after it while it waits for a closing bracket that never comes:
 //!
