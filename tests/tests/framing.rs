@@ -1,5 +1,7 @@
 //! Done-when 2: how requests may arrive on the socket.
 
+use std::time::Instant;
+
 use serde_json::json;
 use vmm_tests::{TestServer, err, ok};
 
@@ -145,4 +147,81 @@ async fn a_request_at_the_limit_is_served() {
     conn.send(json!({"command": "ping", "id": "y".repeat(room + 1)}).to_string())
         .await;
     err(&conn.reply().await, "request_too_large");
+}
+
+/// Done-when 6 (issue 7): an unfinished object, array or string, then a
+/// newline and a good request, is answered `invalid_json` as soon as the next
+/// line starts the good request, which is then served. With no request
+/// timeout, only the decoder can have given that answer; a hang fails after
+/// `PATIENCE`. (Measured on the 2-core machine: a few milliseconds.)
+#[tokio::test]
+async fn an_unfinished_request_is_answered_and_the_next_line_served() {
+    let server = TestServer::start_with(|config| config.request_timeout = None).await;
+    let next = "{\"command\":\"ping\",\"id\":2}\n";
+    for broken in [
+        r#"{"command":"ping""#,
+        "[",
+        r#"{"command":"ping","data":"#,
+        r#"{"command":"pi"#,
+        r#"{"command":"ping","id":"unterminated\"#,
+    ] {
+        // In one write; split before the newline; split after it.
+        let whole = format!("{broken}\n{next}");
+        let at = broken.len();
+        for writes in [
+            vec![&whole[..]],
+            vec![&whole[..at], &whole[at..]],
+            vec![&whole[..=at], &whole[at + 1..]],
+        ] {
+            let mut conn = server.raw().await;
+            let started = Instant::now();
+            for write in &writes {
+                conn.send(write).await;
+            }
+            let reply = conn.reply().await;
+            err(&reply, "invalid_json");
+            assert!(!reply.as_object().unwrap().contains_key("id"), "{reply}");
+            let reply = conn.reply().await;
+            assert_eq!(reply["message"], "PONG", "after {broken:?} in {writes:?}");
+            assert_eq!(reply["id"], 2);
+            eprintln!(
+                "{broken:?} in {} writes: {:?}",
+                writes.len(),
+                started.elapsed()
+            );
+            // The connection stays usable.
+            ok(&conn.call(json!({"command": "ping"})).await);
+        }
+    }
+}
+
+/// A raw newline ends an unterminated string at once: the answer does not
+/// wait for the next line.
+#[tokio::test]
+async fn an_unterminated_string_is_answered_at_its_newline() {
+    let server = TestServer::start_with(|config| config.request_timeout = None).await;
+    let mut conn = server.raw().await;
+    conn.send("{\"command\":\"ping\",\"id\":\"no closing quote\n")
+        .await;
+    err(&conn.reply().await, "invalid_json");
+    conn.send("\"a lone string\n").await;
+    err(&conn.reply().await, "invalid_json");
+    ok(&conn.call(json!({"command": "ping"})).await);
+}
+
+/// Requests written over several lines, with arrays of indented objects,
+/// are still whole requests.
+#[tokio::test]
+async fn multi_line_requests_with_nested_objects_are_served() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    // `extra` is ignored, like any other unknown top-level field.
+    conn.send("{\n  \"command\": \"ping\",\n  \"extra\": {\n    \"list\": [\n      {\"a\": 1},\n      {\n        \"b\": [{}]\n      }\n    ]\n  },\n  \"id\": 1\n}\n")
+        .await;
+    conn.send("{\"command\": \"ping\"\n, \"id\": 2\n}\n").await;
+    for id in [1, 2] {
+        let reply = conn.reply().await;
+        ok(&reply);
+        assert_eq!(reply["id"], id);
+    }
 }

@@ -17,7 +17,11 @@ async fn half_a_request_is_cut_off_while_others_are_served() {
     slow.send(r#"{"command": "register", "data": {"vm_id": "slo"#)
         .await;
     let started = Instant::now();
-    let slow_task = tokio::spawn(async move { slow.closed().await });
+    // Answered `invalid_json` (not a silent close), then closed.
+    let slow_task = tokio::spawn(async move {
+        let reply = slow.try_reply().await;
+        (reply, slow.closed().await)
+    });
     let mut worst = Duration::ZERO;
     while !slow_task.is_finished() {
         let t = Instant::now();
@@ -25,7 +29,16 @@ async fn half_a_request_is_cut_off_while_others_are_served() {
         worst = worst.max(t.elapsed());
         tokio::task::yield_now().await;
     }
-    assert!(slow_task.await.unwrap(), "the slow client was disconnected");
+    let (reply, closed) = slow_task.await.unwrap();
+    let reply = reply.expect("the slow client got a reply before the close");
+    err(&reply, "invalid_json");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not complete within 0.5 s")),
+        "{reply}"
+    );
+    assert!(closed, "the slow client was disconnected");
     assert!(
         started.elapsed() >= timeout,
         "not before the timeout: {:?}",

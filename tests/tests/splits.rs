@@ -3,10 +3,11 @@
 //!
 //! One stream of valid requests (compact, pretty-printed over several lines,
 //! back to back without separators, padded with whitespace, plus one line of
-//! invalid JSON) is sent to a fresh server in one write, then to a fresh
-//! server per split pattern in chunks. The replies must be equal once the
-//! values the server assigns (times, session ids, peers, tokens, disk ids
-//! relative to the first) are normalised.
+//! invalid JSON and four unfinished values, each followed by a newline) is
+//! sent to a fresh server in one write, then to a fresh server per split
+//! pattern in chunks. The replies must be equal once the values the server
+//! assigns (times, session ids, peers, tokens, disk ids relative to the
+//! first) are normalised.
 //!
 //! The split patterns come from a seeded generator: set `VMM_SPLITS_SEED` to
 //! try other ones. A failure prints the seed and the chunk boundaries.
@@ -127,6 +128,30 @@ fn requests() -> Vec<(Piece, &'static str)> {
             // Invalid JSON: answered, and the rest of its line is skipped.
             error(
                 "{\"command\": \"ping\", oops} ignored {\"id\": 0}".into(),
+                "invalid_json",
+            ),
+            "\n",
+        ),
+        // Unfinished values: each is answered once the next line shows it
+        // will not be finished, and the request on that line is served.
+        (
+            // The indented `{` cannot follow `"unfinished"` in an object.
+            error(
+                "{\"command\": \"ping\", \"id\": \"unfinished\"".into(),
+                "invalid_json",
+            ),
+            "\n  ",
+        ),
+        // A `{` in the first column starts a new request.
+        (error("[".into(), "invalid_json"), "\n"),
+        (
+            error("{\"command\": \"ping\", \"data\":".into(), "invalid_json"),
+            "\r\n",
+        ),
+        (
+            // A raw newline breaks a string at once.
+            error(
+                "{\"command\": \"ping\", \"id\": \"no closing quote".into(),
                 "invalid_json",
             ),
             "\n",

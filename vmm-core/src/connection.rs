@@ -3,9 +3,36 @@
 //! The old server treated one `read(4096)` as one request, so two requests in
 //! one segment, a request split across segments, or a request over 4 KiB broke
 //! the connection. Here [`FrameDecoder`] finds value boundaries itself: it
-//! scans each byte once, tracking nesting and string state, and hands a
-//! complete value to `serde_json`. Values may be pretty-printed over several
-//! lines, separated by whitespace, or follow each other with no separator.
+//! looks at each byte once and hands a complete value to `serde_json`. Values
+//! may be pretty-printed over several lines, separated by whitespace, or
+//! follow each other with no separator.
+//!
+//! An object or array goes through a JSON syntax checker (`syntax.rs`) as it
+//! arrives, so a broken one is answered at once instead of swallowing the
+//! requests after it while it waits for a closing bracket that never comes:
+//!
+//! - A byte that cannot continue the value makes it invalid. If that byte is
+//!   the first one on a line (after whitespace) of a value that began on an
+//!   earlier line, it starts the next value (`{"command":"ping"`, newline,
+//!   `  {"command":"ping"}`: `invalid_json`, then the second ping); otherwise
+//!   the rest of its line is skipped.
+//! - A raw newline inside a string is such a byte: the value is invalid and
+//!   decoding goes on after that newline.
+//! - A `{` in the first column of a line while a value is open starts a new
+//!   request; the open value is invalid. Pretty-printers indent nested
+//!   values, so this only cuts off a value that was never finished (`[` or
+//!   `{"data":` followed by a newline), where `{` would otherwise be taken as
+//!   part of it. A hand-written value with a nested object in the first
+//!   column is therefore not accepted.
+//!
+//! A top-level string ends at its closing quote (or, invalid, at a newline);
+//! a top-level number or literal at the first whitespace or punctuation.
+//! Other errors (bytes that are not UTF-8, nesting deeper than serde_json
+//! allows) are found by serde_json once the value is complete; the rest of
+//! its line is then skipped. A value that is still incomplete when the
+//! request timeout fires is answered by the server (see `server::run`).
+
+mod syntax;
 
 use std::fmt;
 use std::io;
@@ -17,15 +44,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 
 use crate::protocol::Reply;
+use syntax::{Step, Syntax};
 
 /// What the decoder found next in the input.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     /// A complete, syntactically valid JSON value.
     Value(Value),
-    /// A syntax error or bytes that are not UTF-8. The decoder has skipped the
-    /// value and will skip the rest of its line, so the stream resynchronises
-    /// at the next newline.
+    /// A syntax error or bytes that are not UTF-8. The decoder has dropped
+    /// the value and goes on at the next line, or at the byte that starts
+    /// the next value (see the module doc).
     Invalid,
     /// A value longer than the limit. The stream cannot be resynchronised
     /// safely, so the connection must be closed.
@@ -34,12 +62,36 @@ pub enum Frame {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// An object or array: ends when nesting returns to zero.
+    /// An object or array, checked by [`Syntax`].
     Nested,
     /// A top-level string: ends at its closing quote.
     Str,
     /// A number, literal or garbage: ends at whitespace or punctuation.
     Scalar,
+}
+
+/// How scanning the current value ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// More input is needed.
+    Partial,
+    /// The value is the first this many bytes.
+    Complete(usize),
+    /// The value is invalid; it ends before byte `at`.
+    Broken {
+        at: usize,
+        resume: Resume,
+    },
+    TooLarge,
+}
+
+/// Where decoding goes on after a broken value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// After the next newline (at or after the byte that broke the value).
+    NextLine,
+    /// At the byte that broke the value: it starts the next one.
+    Here,
 }
 
 /// Incremental JSON value splitter. Pure (no I/O), so it can be fuzzed and
@@ -56,9 +108,11 @@ pub struct FrameDecoder {
     kind: Option<Kind>,
     /// How many bytes of the current value have been scanned.
     scanned: usize,
-    depth: usize,
-    in_string: bool,
+    /// Since the last newline in the current value, only whitespace came.
+    line_start: bool,
+    /// `Kind::Str`: after a backslash.
     escaped: bool,
+    syntax: Syntax,
 }
 
 fn is_json_whitespace(byte: u8) -> bool {
@@ -78,9 +132,9 @@ impl FrameDecoder {
             skipping_line: false,
             kind: None,
             scanned: 0,
-            depth: 0,
-            in_string: false,
+            line_start: false,
             escaped: false,
+            syntax: Syntax::default(),
         }
     }
 
@@ -117,14 +171,21 @@ impl FrameDecoder {
                 _ => Kind::Scalar,
             });
             self.scanned = 0;
-            self.depth = 0;
-            self.in_string = false;
+            self.line_start = false;
             self.escaped = false;
+            self.syntax.reset();
         }
-        let end = self.scan(buf)?;
-        if end > self.max_len {
-            return Some(self.too_large());
-        }
+        let end = match self.scan(buf) {
+            Scan::Partial => return None,
+            Scan::TooLarge => return Some(self.too_large()),
+            Scan::Broken { at, resume } => {
+                buf.advance(at);
+                self.kind = None;
+                self.skipping_line = resume == Resume::NextLine;
+                return Some(Frame::Invalid);
+            }
+            Scan::Complete(end) => end,
+        };
         let value = buf.split_to(end);
         self.kind = None;
         match serde_json::from_slice::<Value>(&value) {
@@ -146,59 +207,86 @@ impl FrameDecoder {
         Frame::TooLarge
     }
 
-    /// Scans new bytes of the current value; returns its length once complete.
-    /// When the value outgrows the limit the caller sees `TooLarge` through
-    /// `end > max_len` (complete) or through this returning the overflow
-    /// sentinel (incomplete).
-    fn scan(&mut self, buf: &BytesMut) -> Option<usize> {
-        let kind = self.kind?;
+    /// Scans the bytes of the current value that are new since the last call.
+    fn scan(&mut self, buf: &BytesMut) -> Scan {
+        let Some(kind) = self.kind else {
+            return Scan::Partial;
+        };
         while self.scanned < buf.len() {
-            let byte = buf[self.scanned];
             let position = self.scanned;
+            let byte = buf[position];
             self.scanned += 1;
-            // The byte that ends a scalar is not part of it, so a scalar of
-            // exactly `max_len` bytes is not too large.
-            let ended = kind == Kind::Scalar && position > 0 && ends_scalar(byte);
-            if self.scanned > self.max_len && !ended {
-                // Report the overflow as a complete-but-too-long value so the
-                // caller answers `request_too_large` without buffering more.
-                return Some(self.scanned);
-            }
-            if self.in_string {
-                if self.escaped {
-                    self.escaped = false;
-                } else if byte == b'\\' {
-                    self.escaped = true;
-                } else if byte == b'"' {
-                    self.in_string = false;
-                    if kind == Kind::Str {
-                        return Some(self.scanned);
-                    }
-                }
-                continue;
-            }
-            match kind {
-                Kind::Str => self.in_string = true, // the opening quote
-                Kind::Nested => match byte {
-                    b'"' => self.in_string = true,
-                    b'{' | b'[' => self.depth += 1,
-                    b'}' | b']' => {
-                        self.depth = self.depth.saturating_sub(1);
-                        if self.depth == 0 {
-                            return Some(self.scanned);
-                        }
-                    }
-                    _ => {}
-                },
-                Kind::Scalar => {
-                    if ended {
-                        self.scanned = position;
-                        return Some(position);
-                    }
-                }
+            let outcome = match kind {
+                Kind::Nested => self.nested(buf, position, byte),
+                Kind::Str => self.string(position, byte),
+                // The byte that ends a scalar is not part of it, so a scalar
+                // of exactly `max_len` bytes is not too large.
+                Kind::Scalar if position > 0 && ends_scalar(byte) => Scan::Complete(position),
+                Kind::Scalar => Scan::Partial,
+            };
+            match outcome {
+                Scan::Complete(end) if end > self.max_len => return Scan::TooLarge,
+                // Report the overflow as soon as it happens, so the caller
+                // answers `request_too_large` without buffering more.
+                Scan::Partial if self.scanned > self.max_len => return Scan::TooLarge,
+                Scan::Partial => {}
+                done => return done,
             }
         }
-        None
+        Scan::Partial
+    }
+
+    /// One byte of an object or array.
+    fn nested(&mut self, buf: &BytesMut, position: usize, byte: u8) -> Scan {
+        // A newline inside a string breaks the value before this, so here
+        // the previous byte is a newline between tokens.
+        if byte == b'{' && position > 0 && buf[position - 1] == b'\n' {
+            return Scan::Broken {
+                at: position,
+                resume: Resume::Here,
+            };
+        }
+        let was_line_start = self.line_start;
+        if byte == b'\n' {
+            self.line_start = true;
+        } else if !is_json_whitespace(byte) {
+            self.line_start = false;
+        }
+        match self.syntax.step(byte) {
+            Step::More => Scan::Partial,
+            Step::Done => Scan::Complete(position + 1),
+            // Whitespace never breaks a value between tokens, so a byte that
+            // breaks one at a line start is the first of that line.
+            Step::Error if was_line_start => Scan::Broken {
+                at: position,
+                resume: Resume::Here,
+            },
+            Step::Error => Scan::Broken {
+                at: position,
+                resume: Resume::NextLine,
+            },
+        }
+    }
+
+    /// One byte of a top-level string.
+    fn string(&mut self, position: usize, byte: u8) -> Scan {
+        if position == 0 {
+            return Scan::Partial; // the opening quote
+        }
+        if byte == b'\n' {
+            return Scan::Broken {
+                at: position,
+                resume: Resume::NextLine,
+            };
+        }
+        if self.escaped {
+            self.escaped = false;
+        } else if byte == b'\\' {
+            self.escaped = true;
+        } else if byte == b'"' {
+            return Scan::Complete(position + 1);
+        }
+        Scan::Partial
     }
 }
 
@@ -378,19 +466,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn any_split_gives_the_same_frames() {
-        let input: &[u8] = b"{\"command\":\"ping\"}\n{\n \"command\": \"x\",\n \"data\": {\"k\": \"\\\\\"}\n}{\"z\":1} nope\n{\"w\":2}";
-        let whole = frames(input, 1000);
+    /// Frames of `input` fed in two parts split at every position and one
+    /// byte at a time; all must equal the frames of the whole.
+    fn frames_of_every_split(input: &[u8], max: usize) -> Vec<Frame> {
+        let whole = frames(input, max);
         for split in 0..input.len() {
-            let mut decoder = FrameDecoder::new(1000);
+            let mut decoder = FrameDecoder::new(max);
             let mut buf = BytesMut::from(&input[..split]);
             let mut got = decode_all(&mut decoder, &mut buf);
             buf.extend_from_slice(&input[split..]);
             got.extend(decode_all(&mut decoder, &mut buf));
             assert_eq!(got, whole, "split at {split}");
         }
-        let mut decoder = FrameDecoder::new(1000);
+        let mut decoder = FrameDecoder::new(max);
         let mut buf = BytesMut::new();
         let mut got = Vec::new();
         for byte in input {
@@ -398,6 +486,174 @@ mod tests {
             got.extend(decode_all(&mut decoder, &mut buf));
         }
         assert_eq!(got, whole, "one byte at a time");
+        whole
+    }
+
+    #[test]
+    fn any_split_gives_the_same_frames() {
+        let input: &[u8] = b"{\"command\":\"ping\"}\n{\n \"command\": \"x\",\n \"data\": {\"k\": \"\\\\\"}\n}{\"z\":1} nope\n{\"w\":2}\n\
+            {\"command\":\"ping\"\n{\"v\":3}[\n{\"u\":4}{\"data\":\n{\"t\":5}{\"s\":\"unterminated\n\"r\" \
+            {\"q\":1\n  {\"p\":6}{\"o\": nope, {\"skipped\":1}\n[\n  {\"n\": 7},\n  {\"m\": [8]}\n]\n\"l\\\"\n{\"k\":9}";
+        assert_eq!(
+            frames_of_every_split(input, 1000),
+            vec![
+                Frame::Value(json!({"command": "ping"})),
+                Frame::Value(json!({"command": "x", "data": {"k": "\\"}})),
+                Frame::Value(json!({"z": 1})),
+                Frame::Invalid, // nope
+                Frame::Value(json!({"w": 2})),
+                Frame::Invalid, // {"command":"ping"
+                Frame::Value(json!({"v": 3})),
+                Frame::Invalid, // [
+                Frame::Value(json!({"u": 4})),
+                Frame::Invalid, // {"data":
+                Frame::Value(json!({"t": 5})),
+                Frame::Invalid, // {"s":"unterminated
+                Frame::Value(json!("r")),
+                Frame::Invalid, // {"q":1
+                Frame::Value(json!({"p": 6})),
+                Frame::Invalid, // {"o": nope, ...
+                Frame::Value(json!([{"n": 7}, {"m": [8]}])),
+                Frame::Invalid, // "l\"
+                Frame::Value(json!({"k": 9})),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unfinished_value_is_invalid_once_the_next_line_starts_a_request() {
+        let ping2 = b"{\"command\":\"ping\",\"id\":2}\n";
+        // Each unfinished value, and whether a value may come next (after
+        // `[`, `:`, or `,` in an array), where an indented object nests.
+        for (open, nests) in [
+            (&b"{\"command\":\"ping\""[..], false),
+            (b"{\"command\":\"ping\",", false),
+            (b"{\"command\":\"ping\",\"data\":", true),
+            (b"{\"command\":\"ping\",\"data\":{\"a\":[1,2", false),
+            (b"{\"command\":\"ping\",\"data\":{\"a\":[1,2,", true),
+            (b"{\"command\":\"ping\",\"data\":{\"a\":[1,2,{", false),
+            (b"{\"command\":\"ping\",\"data\":{\"a\":1.5e", false),
+            (b"{\"command\":\"ping\",\"data\":{\"a\":tr", false),
+            (b"{\"command\":\"pi", false),
+            (b"{\"command\":\"pi\\", false),
+            (b"{\"command\":\"pi\\u00", false),
+            (b"{\"comm", false),
+            (b"{", false),
+            (b"[", true),
+            (b"[[{},", true),
+            (b"\"unterminated", false),
+            (b"\"unterminated\\", false),
+        ] {
+            for (newline, indent) in [("\n", ""), ("\r\n", ""), ("\n", "  "), ("\n", "\t")] {
+                let mut input = open.to_vec();
+                input.extend_from_slice(newline.as_bytes());
+                input.extend_from_slice(indent.as_bytes());
+                input.extend_from_slice(ping2);
+                let got = frames(&input, 1000);
+                let show = String::from_utf8_lossy(&input);
+                // An indented object nests: the request waits for more (or
+                // for the request timeout).
+                let expected = if !indent.is_empty() && nests {
+                    vec![]
+                } else {
+                    vec![
+                        Frame::Invalid,
+                        Frame::Value(json!({"command": "ping", "id": 2})),
+                    ]
+                };
+                assert_eq!(got, expected, "{show:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn errors_mid_line_skip_the_line_and_at_a_line_start_begin_a_value() {
+        assert_eq!(
+            frames(b"{\"a\": nope} {\"b\":1}\n{\"c\":2}\n", 1000),
+            vec![Frame::Invalid, Frame::Value(json!({"c": 2}))]
+        );
+        assert_eq!(
+            frames(b"{\"a\":1\n  nope {\"b\":1}\n{\"c\":2}\n", 1000),
+            vec![
+                Frame::Invalid,
+                Frame::Invalid,
+                Frame::Value(json!({"c": 2}))
+            ]
+        );
+        assert_eq!(
+            frames(b"{\"a\":1\n  \"x\"  [2]\n", 1000),
+            vec![
+                Frame::Invalid,
+                Frame::Value(json!("x")),
+                Frame::Value(json!([2]))
+            ]
+        );
+        // The line starts inside the value, not with it: an error on the
+        // value's own first line skips the line.
+        assert_eq!(
+            frames(b"  {\"a\":1 \"x\" [2]\n[3]\n", 1000),
+            vec![Frame::Invalid, Frame::Value(json!([3]))]
+        );
+        // A pretty-printed value broken mid-line: its later lines are read
+        // as values of their own (here a string, then two invalid ones),
+        // since where it would have ended cannot be known.
+        assert_eq!(
+            frames(
+                b"{\n  \"command\": nope,\n  \"id\": 1\n}\n{\"c\":2}\n",
+                1000
+            ),
+            vec![
+                Frame::Invalid,
+                Frame::Value(json!("id")),
+                Frame::Invalid,
+                Frame::Invalid,
+                Frame::Value(json!({"c": 2}))
+            ]
+        );
+        // A raw newline in a string breaks it at once: decoding goes on
+        // after the newline, and the rest of the broken value's second line
+        // is read as values of its own.
+        assert_eq!(
+            frames(b"{\"a\":\"x\ny\"}\n{\"b\":1}", 1000),
+            vec![
+                Frame::Invalid,
+                Frame::Invalid,
+                Frame::Value(json!({"b": 1}))
+            ]
+        );
+    }
+
+    #[test]
+    fn multi_line_values_are_still_whole() {
+        let request = json!({
+            "command": "register",
+            "data": {"vm_id": "a", "disks": [{"disk_size": 1}, {"disk_size": 2}], "empty": {}, "none": []},
+            "id": [1, {"x": "{\n}"}]
+        });
+        let pretty = serde_json::to_vec_pretty(&request).unwrap_or_default();
+        assert_eq!(
+            frames_of_every_split(&pretty, 1000),
+            vec![Frame::Value(request.clone())]
+        );
+        let by_hand = b"[\n  {\"a\": 1},\n  {\n    \"b\": [\n      {}\n    ]\n  }\n]\n{\"a\"\n:\n1\n,\"b\"\n:\n {\n}\n}\n{\r\n\"c\": 3\r\n}";
+        assert_eq!(
+            frames_of_every_split(by_hand, 1000),
+            vec![
+                Frame::Value(json!([{"a": 1}, {"b": [{}]}])),
+                Frame::Value(json!({"a": 1, "b": {}})),
+                Frame::Value(json!({"c": 3})),
+            ]
+        );
+        // The price of the first-column rule: a nested object written there
+        // is taken for a new request.
+        assert_eq!(
+            frames(b"[\n{\"a\":1}\n]\n", 1000),
+            vec![
+                Frame::Invalid,
+                Frame::Value(json!({"a": 1})),
+                Frame::Invalid
+            ]
+        );
     }
 
     #[test]
@@ -434,5 +690,18 @@ mod tests {
             frames(b"\n\n  {\"k\":\"01234567\"}", 16),
             vec![Frame::Value(json!({"k": "01234567"}))]
         );
+        // An unfinished value is invalid, not too large, when the byte that
+        // ends it comes right after the limit; whitespace inside it counts.
+        assert_eq!(
+            frames(b"{\"a\":[1\n{\"b\":1}", 8),
+            vec![Frame::Invalid, Frame::Value(json!({"b": 1}))]
+        );
+        assert_eq!(frames(b"{\"a\":[1\n{\"b\":1}", 7), vec![Frame::TooLarge]);
+        assert_eq!(
+            frames(b"\"0123456\n\"x\"", 8),
+            vec![Frame::Invalid, Frame::Value(json!("x"))]
+        );
+        // Nesting that never closes is bounded by the limit too.
+        assert_eq!(frames(&[b'['; 100], 64), vec![Frame::TooLarge]);
     }
 }

@@ -233,6 +233,9 @@ enum Next {
     Ended,
     /// The client sent nothing for the idle timeout.
     Idle,
+    /// A request started arriving but was not complete within the request
+    /// timeout.
+    TimedOut,
     /// The client left, the socket failed, a watcher fell behind, or the
     /// server is shutting down.
     Done,
@@ -280,10 +283,7 @@ async fn run(
                     read = within(idle_left, conn.read_frame()) => match read {
                         Some(Ok(Some(frame))) => Next::Frame(frame),
                         Some(Ok(None)) => Next::Done,
-                        Some(Err(err)) if err.kind() == std::io::ErrorKind::TimedOut => {
-                            tracing::info!("a request did not arrive within the request timeout, closing");
-                            Next::Done
-                        }
+                        Some(Err(err)) if err.kind() == std::io::ErrorKind::TimedOut => Next::TimedOut,
                         Some(Err(err)) => {
                             tracing::debug!(error = %err, "read failed");
                             Next::Done
@@ -313,6 +313,23 @@ async fn run(
                 break;
             }
             Next::Done => break,
+            Next::TimedOut => {
+                // Answered, so the client learns why; then closed, because
+                // the rest of the value may still come and cannot be told
+                // from the next request.
+                tracing::info!("a request did not arrive within the request timeout, closing");
+                let secs = context
+                    .config
+                    .request_timeout
+                    .map_or(0.0, |limit| limit.as_secs_f64());
+                let reply = Reply::error(
+                    ErrorCode::InvalidJson,
+                    format!("the request was not complete within {secs} s; closing the connection"),
+                );
+                conn.close_with(&reply).await;
+                finish(&context, session).await;
+                return;
+            }
         };
         last_input = Instant::now();
         let reply = match frame {

@@ -75,9 +75,18 @@ impl<'a> Source<'a> {
 fn decode_in_chunks(
     stream: &[u8],
     max_len: usize,
+    next_chunk: impl FnMut() -> usize,
+) -> Vec<Frame> {
+    decode_with(&mut FrameDecoder::new(max_len), stream, max_len, next_chunk)
+}
+
+/// [`decode_in_chunks`] with a decoder the caller can inspect afterwards.
+fn decode_with(
+    decoder: &mut FrameDecoder,
+    stream: &[u8],
+    max_len: usize,
     mut next_chunk: impl FnMut() -> usize,
 ) -> Vec<Frame> {
-    let mut decoder = FrameDecoder::new(max_len);
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     let mut rest = stream;
@@ -134,11 +143,15 @@ fn check_frames(frames: &[Frame]) {
 ///
 /// - raw: the rest (after an 8-byte split seed) is a byte stream. Decoding it
 ///   at once, in chunks sized by the seed, and one byte at a time must give
-///   the same frames.
+///   the same frames. And whatever the stream left unfinished, a newline and
+///   a request line after it give one frame for the unfinished value (none
+///   if there was none), then the request: nothing swallows it (see
+///   [`check_resync`]).
 /// - generated: the rest describes JSON values, which are serialised
 ///   (compact or pretty, with or without separators) into a stream that must
 ///   decode to exactly those values, or `TooLarge` for the first one over the
-///   limit.
+///   limit. Some values come after an unfinished one (a cut-off object or
+///   array, then a newline), which must be `Invalid`.
 pub fn decoder(data: &[u8]) {
     let mut src = Source::new(data);
     let head = src.u8();
@@ -160,6 +173,7 @@ pub fn decoder(data: &[u8]) {
         assert_eq!(chunked, whole, "chunked differs from whole");
         let bytewise = decode_in_chunks(stream, max_len, || 1);
         assert_eq!(bytewise, whole, "byte at a time differs from whole");
+        check_resync(stream, max_len, &whole);
     } else {
         let max_len = if head & 0x80 == 0 { 4096 } else { max_len };
         let count = src.below(6) + 1;
@@ -169,6 +183,16 @@ pub fn decoder(data: &[u8]) {
         for _ in 0..count {
             let value = gen_value(&mut src, 0);
             let style = src.u8();
+            // Bit 7: an unfinished value and a newline between the separator
+            // and an object, which then starts in the first column.
+            let unfinished = match &value {
+                Value::Object(_) if style & 0x80 != 0 => {
+                    let cut = gen_unfinished(&mut src);
+                    // With the newline within the limit, or it is `TooLarge`.
+                    (cut.len() < max_len).then_some(cut)
+                }
+                _ => None,
+            };
             let text = if style & 1 == 0 {
                 serde_json::to_vec(&value)
             } else {
@@ -187,13 +211,18 @@ pub fn decoder(data: &[u8]) {
                 _ => b"  ",
             };
             stream.extend_from_slice(separator);
+            if let Some(cut) = unfinished {
+                stream.extend_from_slice(&cut);
+                stream.push(b'\n');
+                expected.push(Want::Invalid);
+            }
             stream.extend_from_slice(&text);
             previous_scalar = scalar;
             if text.len() > max_len {
-                expected.push(None);
+                expected.push(Want::TooLarge);
                 break;
             }
-            expected.push(Some(value));
+            expected.push(Want::Value(value));
         }
         // A number at the very end is only complete once something follows.
         stream.push(b'\n');
@@ -208,8 +237,8 @@ pub fn decoder(data: &[u8]) {
                     .iter()
                     .zip(&expected)
                     .all(|(got, want)| match (got, want) {
-                        (Frame::Value(got), Some(want)) => same(got, want),
-                        (Frame::TooLarge, None) => true,
+                        (Frame::Value(got), Want::Value(want)) => same(got, want),
+                        (Frame::Invalid, Want::Invalid) | (Frame::TooLarge, Want::TooLarge) => true,
                         _ => false,
                     });
             assert!(
@@ -218,6 +247,74 @@ pub fn decoder(data: &[u8]) {
                 String::from_utf8_lossy(&stream)
             );
         }
+    }
+}
+
+/// What a generated stream must decode to, frame by frame.
+#[derive(Debug)]
+enum Want {
+    Value(Value),
+    Invalid,
+    TooLarge,
+}
+
+/// A generated object or array cut off before its end: compact or pretty,
+/// cut anywhere (in a string, an escape, a number, a literal, between
+/// tokens), so it is never complete.
+fn gen_unfinished(src: &mut Source) -> Vec<u8> {
+    let value = match gen_value(src, 0) {
+        value @ (Value::Object(_) | Value::Array(_)) => value,
+        other => Value::Array(vec![other]),
+    };
+    let text = if src.u8() & 1 == 0 {
+        serde_json::to_vec(&value)
+    } else {
+        serde_json::to_vec_pretty(&value)
+    }
+    .expect("a generated value serialises");
+    let cut = 1 + src.below(text.len() - 1);
+    text[..cut].to_vec()
+}
+
+/// The issue-7 promise for any input: `stream`, then a newline and a request
+/// on a line of its own, decodes to the frames of `stream` (`whole`), one
+/// frame for the value `stream` left unfinished if it left one (`Invalid`,
+/// or a scalar that the newline ends), and the request. Only `TooLarge` may
+/// come instead, for the unfinished value.
+fn check_resync(stream: &[u8], max_len: usize, whole: &[Frame]) {
+    const REQUEST: &[u8] = b"{}";
+    if max_len < REQUEST.len() {
+        return;
+    }
+    let mut decoder = FrameDecoder::new(max_len);
+    let frames = decode_with(&mut decoder, stream, max_len, || usize::MAX);
+    assert_eq!(frames, whole);
+    let pending = decoder.in_value();
+    let mut extended = stream.to_vec();
+    extended.push(b'\n');
+    extended.extend_from_slice(REQUEST);
+    extended.push(b'\n');
+    let frames = decode_in_chunks(&extended, max_len, || usize::MAX);
+    assert_eq!(
+        frames.get(..whole.len()),
+        Some(whole),
+        "the frames before the request changed"
+    );
+    let after = &frames[whole.len()..];
+    if whole.last() == Some(&Frame::TooLarge) {
+        assert!(after.is_empty(), "{after:?} after TooLarge");
+        return;
+    }
+    match (pending, after) {
+        (true, [Frame::TooLarge]) => {}
+        (true, [Frame::Invalid | Frame::Value(_), Frame::Value(request)])
+        | (false, [Frame::Value(request)])
+            if request == &serde_json::json!({}) => {}
+        _ => panic!(
+            "{:?} then a newline and {{}}: after {whole:?} came {after:?} (a value was {}pending)",
+            String::from_utf8_lossy(stream),
+            if pending { "" } else { "not " },
+        ),
     }
 }
 
