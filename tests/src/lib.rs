@@ -815,12 +815,21 @@ pub fn registration(vm_id: &str, ram: u32, disks: Vec<u32>) -> vmm_core::client:
 pub struct ServerProcess {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    log: Arc<std::sync::Mutex<Vec<Value>>>,
 }
 
 impl ServerProcess {
     pub async fn spawn(binary: &str, db: &TestDb, args: &[&str]) -> ServerProcess {
+        ServerProcess::spawn_command(Command::new(binary), db, args).await
+    }
+
+    /// Like [`ServerProcess::spawn`], through `command`, which runs the
+    /// server with the arguments added to it (e.g. `sh -c '... exec "$0" "$@"'
+    /// vmm-server`).
+    pub async fn spawn_command(mut command: Command, db: &TestDb, args: &[&str]) -> ServerProcess {
         use std::io::BufRead;
-        let mut child = Command::new(binary)
+        let binary = format!("{:?}", command.get_program());
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
             .env("DATABASE_URL", &db.url)
@@ -834,6 +843,8 @@ impl ServerProcess {
             .take()
             .unwrap_or_else(|| fail("no stdout".into()));
         let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = Arc::clone(&log);
         // Read the log until "listening", then keep draining it.
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
@@ -852,6 +863,9 @@ impl ServerProcess {
                         let _ = tx.send(addr);
                     }
                 }
+                if let Ok(mut log) = kept.lock() {
+                    log.push(entry);
+                }
             }
         });
         let addr = tokio::time::timeout(PATIENCE, addr_rx)
@@ -859,7 +873,12 @@ impl ServerProcess {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_else(|| fail(format!("{binary} did not log its address")));
-        ServerProcess { child, addr }
+        ServerProcess { child, addr, log }
+    }
+
+    /// The log lines (JSON) read so far.
+    pub fn log(&self) -> Vec<Value> {
+        self.log.lock().map(|log| log.clone()).unwrap_or_default()
     }
 
     /// Sends a signal (`TERM`, `KILL`, ...).
@@ -880,7 +899,74 @@ impl ServerProcess {
     }
 }
 
+/// A test that fails does not leave its server running.
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Nothing is signalled once the child has been waited for.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A password that is valid for the protocol, unique per VM name.
 pub fn password_for(vm_id: &str) -> String {
     format!("pw-{vm_id}-secret")
+}
+
+/// What a client got for its `ping` from a server short of connections or
+/// descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Pong,
+    Busy,
+}
+
+/// Sends `ping` over `stream` and reads the reply line, which must be `PONG`
+/// or `server_busy`: anything else, or none, fails the test. A refused client
+/// may be closed before its request arrives, so a failed write is no failure.
+/// Gives the connection back, for the caller to close.
+pub async fn ping_or_busy(stream: TcpStream) -> (Answer, TcpStream) {
+    let mut stream = BufReader::new(stream);
+    let _ = stream.write_all(b"{\"command\":\"ping\"}\n").await;
+    let mut line = String::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_line(&mut line)).await;
+    let reply: Value = match read {
+        Ok(Ok(n)) if n > 0 => serde_json::from_str(&line)
+            .unwrap_or_else(|err| fail(format!("a reply is not JSON ({err}): {line:?}"))),
+        Ok(Ok(_)) => fail("closed without a reply".into()),
+        Ok(Err(err)) => fail(format!("no reply: {err}")),
+        Err(_) => fail("no reply in time: the client was left hanging".into()),
+    };
+    let answer = if reply["status"] == "success" && reply["message"] == "PONG" {
+        Answer::Pong
+    } else if reply["code"] == "server_busy" {
+        Answer::Busy
+    } else {
+        fail(format!("neither PONG nor server_busy: {reply}"))
+    };
+    (answer, stream.into_inner())
+}
+
+/// The entries of a JSON log that mention `marker` (case aside), after
+/// asserting that no two fall in the same second.
+#[track_caller]
+pub fn at_most_one_a_second<'a>(log: &'a [Value], marker: &str) -> Vec<&'a Value> {
+    let marker = marker.to_lowercase();
+    let lines: Vec<&Value> = log
+        .iter()
+        .filter(|entry| entry.to_string().to_lowercase().contains(&marker))
+        .collect();
+    let mut seconds = std::collections::BTreeMap::<&str, usize>::new();
+    for line in &lines {
+        // RFC 3339: "2026-01-02T03:04:05.678901Z", to the second.
+        let second = line["timestamp"].as_str().and_then(|t| t.get(..19));
+        let second = second.unwrap_or_else(|| fail(format!("no timestamp in {line}")));
+        *seconds.entry(second).or_default() += 1;
+    }
+    let crowded: Vec<_> = seconds.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        crowded.is_empty(),
+        "more than one {marker:?} line a second: {crowded:?}"
+    );
+    lines
 }

@@ -41,7 +41,11 @@ impl Pair {
 
     /// The instance client `i` talks to: A for even `i`, B for odd.
     pub fn server(&self, i: usize) -> &TestServer {
-        if i % 2 == 0 { &self.a } else { &self.b }
+        if i.is_multiple_of(2) {
+            &self.a
+        } else {
+            &self.b
+        }
     }
 
     /// The address of [`Pair::server`]`(i)`.

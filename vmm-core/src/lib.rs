@@ -33,6 +33,8 @@
 //! - [`context`]: what handlers share: [`Config`], store, sessions, hasher.
 //! - [`server`]: [`serve`], the accept loop with its connection limit and
 //!   graceful shutdown.
+//! - [`descriptors`]: the open-file limit: raising it, fitting the
+//!   connection limit under it, and refusing clients when it is reached.
 //! - [`client`]: a small async [`Client`] with a typed method per command.
 //! - [`tls`]: rustls server and client configurations from PEM files.
 //!
@@ -69,6 +71,7 @@ pub mod client;
 mod commands;
 pub mod connection;
 pub mod context;
+pub mod descriptors;
 pub mod error;
 pub mod events;
 pub mod listener;

@@ -1,23 +1,26 @@
 //! Accepting connections and running them.
 //!
 //! Each connection runs in its own task with its own tracing span. A
-//! semaphore caps open connections: one more is answered `server_busy` and
-//! closed. Shutdown is a broadcast: the accept loop stops, every connection
+//! semaphore caps open connections (lowered to fit the open-file limit, see
+//! [`crate::descriptors`]): one more is answered `server_busy` and closed.
+//! Shutdown is a broadcast: the accept loop stops, every connection
 //! finishes the request it is executing (and those it has already received),
 //! and after `shutdown_grace` whatever is left is aborted.
 
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::connection::{Connection, Frame};
 use crate::context::Context;
+use crate::descriptors::{self, Spare, Throttle};
 use crate::error::Error;
 use crate::events::Event;
 use crate::protocol::{ErrorCode, Reply, Request};
@@ -35,7 +38,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SetupError> {
     let registry = Registry::global().map_err(|err| SetupError(err.to_string()))?;
-    let limit = Arc::new(Semaphore::new(context.config.max_connections));
+    // Before counting the open descriptors: it is one of them.
+    let mut spare = Spare::open();
+    let max_connections = descriptors::fit_connections(&context.config);
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let refusals = Refusals::new(Arc::clone(&context));
+    let mut repeated = Repeated::default();
     let (stop, _) = broadcast::channel::<()>(1);
     let mut tasks = JoinSet::new();
     let per_ip = Arc::new(PerIp::default());
@@ -49,23 +57,39 @@ pub async fn serve(
     tokio::pin!(shutdown);
 
     loop {
+        let log_due = repeated.due();
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = sleep_until(log_due), if log_due.is_some() => repeated.flush(),
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
+                    Err(err) if descriptors::exhausted(&err) => {
+                        repeated.exhausted();
+                        if !refuse_with_spare(&listener, &mut spare).await {
+                            // No descriptor to be had at all: wait for one
+                            // to be closed rather than spin.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        continue;
+                    }
+                    Err(err) if descriptors::out_of_memory(&err) => {
+                        repeated.starved();
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
                     Err(err) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // The client's own failure (it reset the connection
+                        // while it waited): the next one may be fine.
+                        tracing::debug!(error = %err, "accept failed");
                         continue;
                     }
                 };
                 configure(&stream, context.config.tcp_keepalive);
                 let Some(from_ip) = per_ip.enter(peer.ip(), context.config.max_connections_per_ip) else {
                     tracing::warn!(%peer, "too many connections from this address, refusing");
-                    tasks.spawn(refuse(stream, peer, Arc::clone(&context), "too many connections from your address; try again later"));
+                    refusals.refuse(&mut tasks, stream, peer, "too many connections from your address; try again later");
                     continue;
                 };
                 match Arc::clone(&limit).try_acquire_owned() {
@@ -86,8 +110,8 @@ pub async fn serve(
                         );
                     }
                     Err(_) => {
-                        tracing::warn!(%peer, "connection limit reached, refusing");
-                        tasks.spawn(refuse(stream, peer, Arc::clone(&context), "the server has too many connections; try again later"));
+                        repeated.busy();
+                        refusals.refuse(&mut tasks, stream, peer, BUSY);
                     }
                 }
             }
@@ -121,6 +145,150 @@ pub async fn serve(
     context.audit_log.flush().await;
     crate::presence::leave(&context).await;
     Ok(())
+}
+
+const BUSY: &str = "the server has too many connections; try again later";
+
+/// Conditions of the accept loop that come in floods, each logged at most
+/// once a second with the count since its last line.
+#[derive(Debug, Default)]
+struct Repeated {
+    exhausted: Throttle,
+    starved: Throttle,
+    busy: Throttle,
+}
+
+impl Repeated {
+    fn exhausted(&mut self) {
+        if let Some(count) = self.exhausted.hit(Instant::now()) {
+            Self::log_exhausted(count);
+        }
+    }
+
+    fn starved(&mut self) {
+        if let Some(count) = self.starved.hit(Instant::now()) {
+            Self::log_starved(count);
+        }
+    }
+
+    fn busy(&mut self) {
+        if let Some(count) = self.busy.hit(Instant::now()) {
+            Self::log_busy(count);
+        }
+    }
+
+    /// When counts not logged yet are due.
+    fn due(&self) -> Option<Instant> {
+        [self.exhausted.due(), self.starved.due(), self.busy.due()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Logs the counts that are due.
+    fn flush(&mut self) {
+        let now = Instant::now();
+        if let Some(count) = self.exhausted.flush(now) {
+            Self::log_exhausted(count);
+        }
+        if let Some(count) = self.starved.flush(now) {
+            Self::log_starved(count);
+        }
+        if let Some(count) = self.busy.flush(now) {
+            Self::log_busy(count);
+        }
+    }
+
+    fn log_exhausted(count: u64) {
+        tracing::warn!(
+            count,
+            "accept failed: too many open files (EMFILE); refusing clients with server_busy \
+             until descriptors are free (count: since the last such line)"
+        );
+    }
+
+    fn log_starved(count: u64) {
+        tracing::warn!(
+            count,
+            "accept failed: out of memory (ENOBUFS/ENOMEM); retrying every 10 ms \
+             (count: since the last such line)"
+        );
+    }
+
+    fn log_busy(count: u64) {
+        tracing::warn!(
+            count,
+            "connection limit reached, refusing (count: since the last such line)"
+        );
+    }
+}
+
+/// Waits until `when`, or for ever.
+async fn sleep_until(when: Option<Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// With the process out of descriptors, the listener cannot accept: frees
+/// the spare descriptor for one waiting client, answers it `server_busy` and
+/// closes it, so that clients are turned away instead of waiting in the
+/// backlog. Each call takes one client; the accept loop calls it again while
+/// `accept` keeps failing. False when no descriptor could be freed.
+async fn refuse_with_spare(listener: &TcpListener, spare: &mut Spare) -> bool {
+    if !spare.free() {
+        return false;
+    }
+    // One try, not a wait, and through tokio: out of descriptors, `accept`
+    // fails before it looks for a client, so only with one free does it say
+    // that nobody waits (`WouldBlock`), which tokio needs to see to wait for
+    // the next client instead of letting the loop spin.
+    let once = std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await;
+    let freed = match once {
+        Poll::Ready(Ok((stream, _))) => {
+            descriptors::refuse_now(&socket2::SockRef::from(&stream), BUSY);
+            true
+        }
+        Poll::Ready(Err(err)) => !descriptors::exhausted(&err),
+        Poll::Pending => true,
+    };
+    spare.retake();
+    freed
+}
+
+/// Refusals (`server_busy`) under way, bounded: their descriptors are part
+/// of what [`descriptors`] reserves.
+struct Refusals {
+    context: Arc<Context>,
+    slots: Arc<Semaphore>,
+}
+
+impl Refusals {
+    fn new(context: Arc<Context>) -> Refusals {
+        Refusals {
+            context,
+            slots: Arc::new(Semaphore::new(descriptors::REFUSALS_IN_FLIGHT)),
+        }
+    }
+
+    /// Refuses in a task of its own ([`refuse`]) while slots are free; past
+    /// that, at once: the reply without waiting, then the close (and no
+    /// audit row).
+    fn refuse(
+        &self,
+        tasks: &mut JoinSet<()>,
+        stream: TcpStream,
+        peer: std::net::SocketAddr,
+        why: &'static str,
+    ) {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => {
+                tasks.spawn(refuse(stream, peer, Arc::clone(&self.context), why, slot));
+            }
+            Err(_) => descriptors::refuse_now(&socket2::SockRef::from(&stream), why),
+        }
+    }
 }
 
 /// Open connections per client address.
@@ -183,12 +351,14 @@ async fn within<T>(limit: Option<Duration>, work: impl Future<Output = T>) -> Op
 }
 
 /// Answers `server_busy`, closes, and records the refusal in the audit
-/// trail (in this short-lived task, never in the accept loop).
+/// trail (in this short-lived task, never in the accept loop). Holds one of
+/// [`Refusals`]' slots until done.
 async fn refuse(
     stream: TcpStream,
     peer: std::net::SocketAddr,
     context: Arc<Context>,
     why: &'static str,
+    slot: OwnedSemaphorePermit,
 ) {
     let reply = Reply::error(ErrorCode::ServerBusy, why);
     Connection::new(stream, context.config.max_request_bytes)
@@ -197,6 +367,7 @@ async fn refuse(
     context
         .audit_peer(&peer.to_string(), None, "connect", "refused", why)
         .await;
+    drop(slot);
 }
 
 /// The connection over `stream`: plain TCP, or with `config.tls` set TLS

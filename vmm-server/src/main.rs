@@ -31,6 +31,7 @@ struct Args {
     db_pool_size: u16,
 
     /// Open connections allowed; one more is answered `server_busy` and closed.
+    /// Lowered, with a warning, to what fits under the open-file limit.
     #[arg(long, env = "VMM_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
 
@@ -116,6 +117,17 @@ async fn main() -> ExitCode {
     match args.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
+    }
+    // Before anything is opened: every connection is a descriptor, and
+    // `serve` fits --max-connections under the soft limit it finds.
+    match vmm_core::descriptors::raise_limit() {
+        Ok(limit) if limit.now > limit.before => tracing::info!(
+            from = limit.before,
+            to = limit.now,
+            "raised the open-file limit (RLIMIT_NOFILE) to the hard limit"
+        ),
+        Ok(limit) => tracing::info!(limit = limit.now, "open-file limit (RLIMIT_NOFILE)"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
     }
 
     let config = vmm_core::Config {
