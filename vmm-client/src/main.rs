@@ -24,6 +24,7 @@ mod agent;
 mod conn;
 mod events;
 mod input;
+mod op;
 mod out;
 mod password;
 mod render;
@@ -38,7 +39,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::conn::{Conn, Failure, Op};
+use crate::conn::{Conn, Failure};
+use crate::op::Op;
 
 const ABOUT: &str = "Command-line client and interactive shell for the vmm server";
 

@@ -10,7 +10,7 @@ use vmm_core::protocol::{
     VmStatus, VmView,
 };
 
-use crate::conn::Op;
+use crate::op::Op;
 
 /// The text to print for a successful `reply` to `op`; `Err` names what in
 /// the reply did not have the expected shape.

@@ -24,8 +24,9 @@ use serde_json::Value;
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::conn::{Conn, Failure, Op, sleep_until};
+use crate::conn::{Conn, Failure, sleep_until};
 use crate::input::{Input, Read};
+use crate::op::Op;
 use crate::out;
 
 const HELP: &str = "\
