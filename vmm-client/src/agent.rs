@@ -53,7 +53,7 @@ use tokio::time::Instant;
 use vmm_core::client::{ClientError, Registration};
 use vmm_core::{Client, ErrorCode};
 
-use crate::conn::{Failure, describe};
+use crate::failure::{Failure, describe};
 use crate::parse_secs;
 use crate::password::{ENV as PASSWORD_ENV, chomp};
 use crate::signals::Signals;

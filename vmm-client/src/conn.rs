@@ -1,8 +1,6 @@
 //! One connection to the server: opening it (over TLS when asked), running
-//! operations ([`Op`]) over it and printing what comes back, and the ways a
-//! run can fail (each with its exit code).
+//! operations ([`Op`]) over it and printing what comes back.
 
-use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -12,9 +10,10 @@ use bytes::BytesMut;
 use tokio::time::Instant;
 use vmm_core::client::ClientError;
 use vmm_core::connection::FrameDecoder;
-use vmm_core::{Client, ErrorCode, Reply};
+use vmm_core::{Client, Reply};
 
 use crate::events::EventPrinter;
+use crate::failure::{Failure, describe};
 use crate::op::Op;
 use crate::{out, render};
 
@@ -94,66 +93,6 @@ pub async fn open(addr: &str) -> io::Result<Client> {
 /// How long a keepalive ping may wait for its reply before the connection
 /// counts as lost.
 const KEEPALIVE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a command did not succeed. Each kind has its own exit code.
-#[derive(Debug)]
-pub enum Failure {
-    /// Bad arguments or input noticed on this side: exit 2.
-    Usage(String),
-    /// The server answered with an error reply: exit 1.
-    Server {
-        message: String,
-        code: Option<ErrorCode>,
-    },
-    /// Cannot connect, the connection was lost, or the server's reply made no
-    /// sense: exit 3.
-    Connection(String),
-}
-
-impl Failure {
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Failure::Server { .. } => 1,
-            Failure::Usage(_) => 2,
-            Failure::Connection(_) => 3,
-        }
-    }
-
-    /// The failure an error reply stands for.
-    pub fn from_reply(reply: &Reply) -> Failure {
-        Failure::Server {
-            message: reply.message.clone(),
-            code: reply.code,
-        }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::Usage(message) | Failure::Connection(message) => f.write_str(message),
-            Failure::Server {
-                message,
-                code: Some(code),
-            } => write!(f, "{message} ({code})"),
-            Failure::Server {
-                message,
-                code: None,
-            } => f.write_str(message),
-        }
-    }
-}
-
-/// An I/O error's text without the trailing ` (os error N)`.
-pub fn describe(err: &io::Error) -> String {
-    let text = err.to_string();
-    match err.raw_os_error() {
-        Some(code) => text
-            .strip_suffix(&format!(" (os error {code})"))
-            .map_or_else(|| text.clone(), str::to_owned),
-        None => text,
-    }
-}
 
 /// Sleeps until `at`; forever for `None` (for a keepalive that is off).
 pub async fn sleep_until(at: Option<Instant>) {
@@ -398,11 +337,5 @@ mod tests {
         assert_eq!(host_of("[::1]:8888"), "::1");
         assert_eq!(host_of("localhost"), "localhost");
         assert_eq!(host_of("::1"), "::1");
-    }
-
-    #[test]
-    fn os_error_suffix_is_dropped() {
-        let err = io::Error::from_raw_os_error(111);
-        assert!(!describe(&err).contains("os error"), "{}", describe(&err));
     }
 }

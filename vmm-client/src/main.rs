@@ -23,6 +23,7 @@
 mod agent;
 mod conn;
 mod events;
+mod failure;
 mod input;
 mod op;
 mod out;
@@ -39,7 +40,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::conn::{Conn, Failure};
+use crate::conn::Conn;
+use crate::failure::Failure;
 use crate::op::Op;
 
 const ABOUT: &str = "Command-line client and interactive shell for the vmm server";

@@ -3,7 +3,7 @@
 
 use std::io::{self, BufRead, IsTerminal};
 
-use crate::conn::Failure;
+use crate::failure::Failure;
 
 /// The environment variable that may hold the password.
 pub const ENV: &str = "VMM_PASSWORD";

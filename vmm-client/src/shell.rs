@@ -24,7 +24,8 @@ use serde_json::Value;
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::conn::{Conn, Failure, sleep_until};
+use crate::conn::{Conn, sleep_until};
+use crate::failure::Failure;
 use crate::input::{Input, Read};
 use crate::op::Op;
 use crate::out;
