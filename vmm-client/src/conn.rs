@@ -15,7 +15,8 @@ use vmm_core::{Client, Reply};
 use crate::events::EventPrinter;
 use crate::failure::{Failure, describe};
 use crate::op::Op;
-use crate::{out, render};
+use crate::out::{self, Printer};
+use crate::render;
 
 /// How long connecting may take before it counts as "cannot connect".
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,7 +164,7 @@ impl Conn {
     }
 
     /// Prints events through the shell's line editor from now on.
-    pub fn use_terminal(&mut self, printer: crate::input::Printer) {
+    pub fn use_terminal(&mut self, printer: Printer) {
         self.events.use_terminal(printer);
     }
 

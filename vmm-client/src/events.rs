@@ -19,8 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use vmm_core::protocol::DiskView;
 
-use crate::input::Printer;
-use crate::out;
+use crate::out::{self, Printer};
 
 /// Where event lines go, and in which format.
 pub struct EventPrinter {
