@@ -31,6 +31,7 @@ mod password;
 mod render;
 mod shell;
 mod signals;
+mod text;
 mod watch;
 
 use std::process::ExitCode;
