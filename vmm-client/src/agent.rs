@@ -55,8 +55,9 @@ use vmm_core::{Client, ErrorCode};
 
 use crate::failure::{Failure, describe};
 use crate::parse_secs;
-use crate::password::{ENV as PASSWORD_ENV, chomp};
+use crate::password::ENV as PASSWORD_ENV;
 use crate::signals::Signals;
+use crate::text::chomp;
 
 /// How long connecting, or any one request, may take before the connection
 /// counts as lost.

@@ -20,7 +20,7 @@ use rustyline::error::ReadlineError;
 use tokio::sync::oneshot;
 
 use crate::out::Printer;
-use crate::password::chomp;
+use crate::text::chomp;
 
 /// What the shell asks the input thread for.
 #[derive(Debug)]
