@@ -53,10 +53,12 @@ use tokio::time::Instant;
 use vmm_core::client::{ClientError, Registration};
 use vmm_core::{Client, ErrorCode};
 
-use crate::conn::{Failure, describe};
-use crate::parse_secs;
-use crate::password::{ENV as PASSWORD_ENV, chomp};
+use crate::args::parse_secs;
+use crate::failure::{Failure, describe};
+use crate::password::ENV as PASSWORD_ENV;
+use crate::secrets;
 use crate::signals::Signals;
+use crate::text::chomp;
 
 /// How long connecting, or any one request, may take before the connection
 /// counts as lost.
@@ -279,7 +281,7 @@ impl Agent {
                 cpu: *cpu,
                 password: self.password.0.clone(),
                 disks: disks.clone(),
-                registration_secret: crate::registration_secret(),
+                registration_secret: secrets::registration_secret(),
             };
             match stop.guarded(client.register(&registration)).await {
                 Ok(_) => self.log("registered"),

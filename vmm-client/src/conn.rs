@@ -1,22 +1,22 @@
-//! One connection to the server, the operations the client runs over it, and
-//! the ways a run can fail (each with its exit code).
+//! One connection to the server: opening it (over TLS when asked), running
+//! operations ([`Op`]) over it and printing what comes back.
 
-use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use serde_json::{Value, json};
 use tokio::time::Instant;
-use vmm_core::client::{ClientError, Registration, Update};
+use vmm_core::client::ClientError;
 use vmm_core::connection::FrameDecoder;
-use vmm_core::protocol::ListType;
-use vmm_core::{Client, Data, ErrorCode, Reply, Request};
+use vmm_core::{Client, Reply};
 
 use crate::events::EventPrinter;
-use crate::{out, render};
+use crate::failure::{Failure, describe};
+use crate::op::Op;
+use crate::out::{self, Printer};
+use crate::render;
 
 /// How long connecting may take before it counts as "cannot connect".
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,162 +95,11 @@ pub async fn open(addr: &str) -> io::Result<Client> {
 /// counts as lost.
 const KEEPALIVE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why a command did not succeed. Each kind has its own exit code.
-#[derive(Debug)]
-pub enum Failure {
-    /// Bad arguments or input noticed on this side: exit 2.
-    Usage(String),
-    /// The server answered with an error reply: exit 1.
-    Server {
-        message: String,
-        code: Option<ErrorCode>,
-    },
-    /// Cannot connect, the connection was lost, or the server's reply made no
-    /// sense: exit 3.
-    Connection(String),
-}
-
-impl Failure {
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Failure::Server { .. } => 1,
-            Failure::Usage(_) => 2,
-            Failure::Connection(_) => 3,
-        }
-    }
-
-    /// The failure an error reply stands for.
-    pub fn from_reply(reply: &Reply) -> Failure {
-        Failure::Server {
-            message: reply.message.clone(),
-            code: reply.code,
-        }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::Usage(message) | Failure::Connection(message) => f.write_str(message),
-            Failure::Server {
-                message,
-                code: Some(code),
-            } => write!(f, "{message} ({code})"),
-            Failure::Server {
-                message,
-                code: None,
-            } => f.write_str(message),
-        }
-    }
-}
-
-/// An I/O error's text without the trailing ` (os error N)`.
-pub fn describe(err: &io::Error) -> String {
-    let text = err.to_string();
-    match err.raw_os_error() {
-        Some(code) => text
-            .strip_suffix(&format!(" (os error {code})"))
-            .map_or_else(|| text.clone(), str::to_owned),
-        None => text,
-    }
-}
-
 /// Sleeps until `at`; forever for `None` (for a keepalive that is off).
 pub async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// One request the client knows how to build and show the answer of.
-#[derive(Debug, Clone)]
-pub enum Op {
-    Ping,
-    Register(Registration),
-    Authenticate {
-        vm_id: String,
-        password: String,
-    },
-    List(ListType),
-    Update(Update),
-    Logout,
-    /// `watch` with these topics; none: every topic.
-    Watch(Vec<String>),
-    Unwatch,
-    Help,
-    /// Open an operator session with the admin token.
-    Operator {
-        admin_token: String,
-    },
-    /// Read the audit trail (operator sessions).
-    Audit {
-        vm_id: Option<String>,
-        limit: Option<u32>,
-    },
-    /// End every session of a VM (operator sessions).
-    Revoke {
-        vm_id: String,
-    },
-}
-
-impl Op {
-    pub fn command(&self) -> &'static str {
-        match self {
-            Op::Ping => "ping",
-            Op::Register(_) => "register",
-            Op::Authenticate { .. } => "authenticate",
-            Op::List(_) => "list",
-            Op::Update(_) => "update",
-            Op::Logout => "logout",
-            Op::Watch(_) => "watch",
-            Op::Unwatch => "unwatch",
-            Op::Help => "help",
-            Op::Operator { .. } => "authenticate",
-            Op::Audit { .. } => "audit",
-            Op::Revoke { .. } => "revoke",
-        }
-    }
-
-    fn data(&self) -> Value {
-        match self {
-            Op::Ping | Op::Logout | Op::Unwatch | Op::Help => json!({}),
-            Op::Watch(topics) if topics.is_empty() => json!({}),
-            Op::Watch(topics) => json!({"topics": topics}),
-            Op::Register(registration) => registration.to_data(),
-            Op::Authenticate { vm_id, password } => {
-                json!({"vm_id": vm_id, "password": password})
-            }
-            Op::List(kind) => json!({"list_type": kind.as_str()}),
-            Op::Update(update) => update.to_data(),
-            Op::Operator { admin_token } => json!({"admin_token": admin_token}),
-            Op::Revoke { vm_id } => json!({"vm_id": vm_id}),
-            Op::Audit { vm_id, limit } => {
-                let mut data = serde_json::Map::new();
-                if let Some(vm_id) = vm_id {
-                    data.insert("vm_id".into(), json!(vm_id));
-                }
-                if let Some(limit) = limit {
-                    data.insert("limit".into(), json!(limit));
-                }
-                Value::Object(data)
-            }
-        }
-    }
-
-    /// The request as it goes on the wire.
-    pub fn to_text(&self) -> String {
-        let data = match self.data() {
-            Value::Object(data) => data,
-            _ => Data::new(),
-        };
-        Request {
-            command: self.command().to_owned(),
-            data,
-            id: None,
-        }
-        .to_value()
-        .to_string()
     }
 }
 
@@ -315,7 +164,7 @@ impl Conn {
     }
 
     /// Prints events through the shell's line editor from now on.
-    pub fn use_terminal(&mut self, printer: crate::input::Printer) {
+    pub fn use_terminal(&mut self, printer: Printer) {
         self.events.use_terminal(printer);
     }
 
@@ -483,27 +332,11 @@ mod tests {
     }
 
     #[test]
-    fn requests_have_no_id() {
-        let text = Op::List(ListType::AllDisks).to_text();
-        assert_eq!(
-            text,
-            r#"{"command":"list","data":{"list_type":"all_disks"}}"#
-        );
-        assert_eq!(Op::Ping.to_text(), r#"{"command":"ping","data":{}}"#);
-    }
-
-    #[test]
     fn the_server_name_defaults_to_the_host_of_the_address() {
         assert_eq!(host_of("vmm.example.com:8888"), "vmm.example.com");
         assert_eq!(host_of("127.0.0.1:8888"), "127.0.0.1");
         assert_eq!(host_of("[::1]:8888"), "::1");
         assert_eq!(host_of("localhost"), "localhost");
         assert_eq!(host_of("::1"), "::1");
-    }
-
-    #[test]
-    fn os_error_suffix_is_dropped() {
-        let err = io::Error::from_raw_os_error(111);
-        assert!(!describe(&err).contains("os error"), "{}", describe(&err));
     }
 }

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use vmm_core::protocol::DiskView;
 
-use crate::input::Printer;
-use crate::out;
+use crate::out::{self, Printer};
+use crate::text::disks_joined;
 
 /// Where event lines go, and in which format.
 pub struct EventPrinter {
@@ -130,7 +130,7 @@ fn describe(event: &str, data: &Value) -> Option<String> {
                 clean(&vm.vm_id),
                 vm.ram,
                 vm.cpu,
-                crate::render::disks_joined(&vm.disks, ",")
+                disks_joined(&vm.disks, ",")
             ))
         }
         "instance_lost" => {

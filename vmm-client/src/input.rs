@@ -15,11 +15,12 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread;
 
+use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
-use rustyline::{DefaultEditor, ExternalPrinter};
 use tokio::sync::oneshot;
 
-use crate::password::chomp;
+use crate::out::Printer;
+use crate::text::chomp;
 
 /// What the shell asks the input thread for.
 #[derive(Debug)]
@@ -43,9 +44,6 @@ pub enum Read {
 }
 
 type Reply = oneshot::Sender<io::Result<Read>>;
-
-/// Prints above the line being edited; see [`Input::printer`].
-pub type Printer = Box<dyn ExternalPrinter + Send>;
 
 pub struct Input {
     asks: Option<mpsc::Sender<(Ask, Reply)>>,

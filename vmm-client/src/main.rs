@@ -13,22 +13,32 @@
 //! authenticated, reconnecting when the connection is lost, until SIGINT or
 //! SIGTERM.
 //!
-//! The modules: `main` parses the arguments and dispatches, `conn` runs
-//! requests over one connection and defines the exit codes, `render` draws
-//! tables, `events` prints change events, `password` finds a one-shot
-//! command's password, `shell` is the interactive shell and `input` its
-//! blocking input thread, `watch` the one-shot `watch`, `agent` the agent,
-//! and `signals` waits for SIGINT and SIGTERM for the last two.
+//! The modules, from the top down; each uses only modules named after it:
+//! `main` parses the arguments and dispatches; `agent` is the agent, `shell`
+//! the interactive shell and `watch` the one-shot `watch`; `conn` runs
+//! requests over one connection; `input` is the shell's blocking input
+//! thread; `events` prints change events and `render` draws replies as
+//! tables; `password` finds a one-shot command's password and `secrets` the
+//! operator token and the enrollment secret. At the bottom, depending on
+//! nothing in the crate: `op` (what a request carries, and its wire text),
+//! `failure` (the ways a run fails, and their exit codes), `args` (argument
+//! value parsers), `text` (small text forms), `out` (where output goes) and
+//! `signals` (SIGINT and SIGTERM, for `agent` and `watch`).
 
 mod agent;
+mod args;
 mod conn;
 mod events;
+mod failure;
 mod input;
+mod op;
 mod out;
 mod password;
 mod render;
+mod secrets;
 mod shell;
 mod signals;
+mod text;
 mod watch;
 
 use std::process::ExitCode;
@@ -38,7 +48,10 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::conn::{Conn, Failure, Op};
+use crate::args::{Resize, parse_resize, parse_secs, unless_zero};
+use crate::conn::Conn;
+use crate::failure::Failure;
+use crate::op::Op;
 
 const ABOUT: &str = "Command-line client and interactive shell for the vmm server";
 
@@ -411,37 +424,6 @@ impl From<ListKind> for ListType {
     }
 }
 
-/// `--disk ID=SIZE` of `update`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resize {
-    pub id: i64,
-    pub size: u32,
-}
-
-/// Parses `ID=SIZE`, e.g. `1=150`.
-pub fn parse_resize(text: &str) -> Result<Resize, String> {
-    let wrong = || format!("`{text}` is not ID=SIZE (e.g. 1=150)");
-    let (id, size) = text.split_once('=').ok_or_else(wrong)?;
-    let id = id.trim().parse().map_err(|_| wrong())?;
-    let size = size.trim().parse().map_err(|_| wrong())?;
-    Ok(Resize { id, size })
-}
-
-/// Parses a number of seconds, fractions allowed (`0.3`, `15`).
-pub fn parse_secs(text: &str) -> Result<Duration, String> {
-    let wrong = |why: &str| format!("`{text}` is not a number of seconds: {why}");
-    let secs: f64 = text.trim().parse().map_err(|_| wrong("not a number"))?;
-    if secs.is_sign_negative() {
-        return Err(wrong("negative"));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|_| wrong("out of range"))
-}
-
-/// `Some(duration)`, or `None` for zero (off).
-fn unless_zero(duration: Duration) -> Option<Duration> {
-    (!duration.is_zero()).then_some(duration)
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -498,7 +480,7 @@ async fn one_shot(
                 cpu,
                 password,
                 disks,
-                registration_secret: crate::registration_secret(),
+                registration_secret: secrets::registration_secret(),
             };
             simple(addr, json, Op::Register(registration)).await
         }
@@ -549,7 +531,7 @@ async fn one_shot(
         ClientCommand::Watch { login, topics } => {
             let who = if admin {
                 watch::Who::Operator {
-                    admin_token: admin_token()?,
+                    admin_token: secrets::admin_token()?,
                 }
             } else {
                 watch::Who::Vm {
@@ -593,34 +575,10 @@ async fn authenticated(addr: &str, json: bool, login: Login, op: Op) -> Result<(
 /// Connects, opens an operator session with $VMM_ADMIN_TOKEN, then runs
 /// `op` on the same connection.
 async fn as_operator(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
-    let admin_token = std::env::var("VMM_ADMIN_TOKEN")
-        .ok()
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| {
-            Failure::Usage("--admin needs the operator token in $VMM_ADMIN_TOKEN".into())
-        })?;
+    let admin_token = secrets::admin_token()?;
     let mut conn = Conn::connect(addr, json).await?;
     conn.operator(admin_token).await?;
     conn.run(&op).await.map(drop)
-}
-
-/// The operator token for `--admin`: from `VMM_ADMIN_TOKEN`, never from the
-/// command line.
-fn admin_token() -> Result<String, Failure> {
-    std::env::var("VMM_ADMIN_TOKEN")
-        .ok()
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| {
-            Failure::Usage("--admin needs the operator token in $VMM_ADMIN_TOKEN".into())
-        })
-}
-
-/// The server's enrollment secret, for `register`: from
-/// `VMM_REGISTRATION_SECRET`, never from the command line.
-fn registration_secret() -> Option<String> {
-    std::env::var("VMM_REGISTRATION_SECRET")
-        .ok()
-        .filter(|secret| !secret.is_empty())
 }
 
 #[cfg(test)]
@@ -631,25 +589,6 @@ mod tests {
     #[test]
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn seconds_may_be_fractional() {
-        assert_eq!(parse_secs("0.3"), Ok(Duration::from_millis(300)));
-        assert_eq!(parse_secs("20"), Ok(Duration::from_secs(20)));
-        assert_eq!(parse_secs("0"), Ok(Duration::ZERO));
-        for wrong in ["-1", "abc", "", "NaN", "inf", "1e30"] {
-            assert!(parse_secs(wrong).is_err(), "{wrong}");
-        }
-        assert_eq!(unless_zero(Duration::ZERO), None);
-    }
-
-    #[test]
-    fn resize_takes_id_equals_size() {
-        assert_eq!(parse_resize("1=150"), Ok(Resize { id: 1, size: 150 }));
-        assert!(parse_resize("1=abc").is_err());
-        assert!(parse_resize("150").is_err());
-        assert!(parse_resize("=5").is_err());
     }
 
     #[test]

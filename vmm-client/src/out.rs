@@ -1,9 +1,18 @@
 //! Writing to stdout without panicking when it is closed early, as in
-//! `vmm-client --json list all | head -1`.
+//! `vmm-client --json list all | head -1`; and the type of the line editor's
+//! printer, the other way output goes. That type is here, below both, so
+//! that the shell's input thread (which makes one) and the event printer
+//! (which prints through it) need not know each other.
 
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::process;
+
+use rustyline::ExternalPrinter;
+
+/// Prints above the line being edited and redraws the prompt; the shell's
+/// input thread makes one when stdin and stdout are a terminal.
+pub type Printer = Box<dyn ExternalPrinter + Send>;
 
 /// Prints `text` and a newline. A reader that went away (broken pipe) ends
 /// the program quietly with 0; any other write error ends it with 2.

@@ -3,21 +3,11 @@
 
 use std::io::{self, BufRead, IsTerminal};
 
-use crate::conn::Failure;
+use crate::failure::Failure;
+use crate::text::chomp;
 
 /// The environment variable that may hold the password.
 pub const ENV: &str = "VMM_PASSWORD";
-
-/// A line without its line ending (`\n` or `\r\n`).
-pub fn chomp(mut line: String) -> String {
-    if line.ends_with('\n') {
-        line.pop();
-        if line.ends_with('\r') {
-            line.pop();
-        }
-    }
-    line
-}
 
 /// The password, from (in this order) one line of stdin when `from_stdin`,
 /// `$VMM_PASSWORD`, or a prompt without echo when stdin is a terminal.
@@ -53,17 +43,4 @@ pub async fn obtain_async(from_stdin: bool, vm_id: &str) -> Result<String, Failu
     tokio::task::spawn_blocking(move || obtain(from_stdin, &vm_id))
         .await
         .map_err(|err| Failure::Usage(format!("cannot read the password: {err}")))?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chomp;
-
-    #[test]
-    fn only_the_line_ending_is_stripped() {
-        assert_eq!(chomp("pass word \n".into()), "pass word ");
-        assert_eq!(chomp("secret\r\n".into()), "secret");
-        assert_eq!(chomp("secret".into()), "secret");
-        assert_eq!(chomp("\n".into()), "");
-    }
 }

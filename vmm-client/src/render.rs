@@ -10,7 +10,8 @@ use vmm_core::protocol::{
     VmStatus, VmView,
 };
 
-use crate::conn::Op;
+use crate::op::Op;
+use crate::text::disks_joined;
 
 /// The text to print for a successful `reply` to `op`; `Err` names what in
 /// the reply did not have the expected shape.
@@ -103,18 +104,6 @@ fn maybe_time(timestamp: Option<&Timestamp>) -> String {
 /// `1:150G, 2:250G`, or `-` for none.
 pub fn disks(disks: &[DiskView]) -> String {
     disks_joined(disks, ", ")
-}
-
-/// The disks as `ID:SIZEG` joined by `separator`, or `-` for none.
-pub fn disks_joined(disks: &[DiskView], separator: &str) -> String {
-    if disks.is_empty() {
-        return "-".to_owned();
-    }
-    disks
-        .iter()
-        .map(|disk| format!("{}:{}G", disk.id, disk.disk_size))
-        .collect::<Vec<_>>()
-        .join(separator)
 }
 
 fn yes_no(value: bool) -> &'static str {

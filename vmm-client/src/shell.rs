@@ -24,9 +24,12 @@ use serde_json::Value;
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::conn::{Conn, Failure, Op, sleep_until};
+use crate::args::parse_resize;
+use crate::conn::{Conn, sleep_until};
+use crate::failure::Failure;
 use crate::input::{Input, Read};
-use crate::out;
+use crate::op::Op;
+use crate::{out, secrets};
 
 const HELP: &str = "\
 Shell commands (arguments left out are asked for; passwords are always asked
@@ -313,7 +316,7 @@ impl Shell {
             cpu,
             password,
             disks,
-            registration_secret: crate::registration_secret(),
+            registration_secret: secrets::registration_secret(),
         }))
     }
 
@@ -447,7 +450,7 @@ fn disk_change(update: &mut Update, change: &str) -> Result<(), Abort> {
         update.attach.push(number("disk size", size)?);
         return Ok(());
     }
-    let resize = crate::parse_resize(change).map_err(|_| {
+    let resize = parse_resize(change).map_err(|_| {
         usage(format!(
             "`{change}` is neither ID=SIZE (resize disk ID) nor +SIZE (new disk)"
         ))

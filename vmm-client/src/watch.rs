@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use crate::conn::{Conn, Failure, Op, sleep_until};
+use crate::conn::{Conn, sleep_until};
+use crate::failure::Failure;
+use crate::op::Op;
 use crate::password;
 use crate::signals::Signals;
 

@@ -1,0 +1,115 @@
+//! The requests this client sends: what each operation carries and its wire
+//! text. A plain value with no I/O, at the bottom of the crate, so that the
+//! connection (which sends it), the renderer (which draws its reply) and the
+//! modules that build one can all use it without depending on each other.
+
+use serde_json::{Value, json};
+use vmm_core::client::{Registration, Update};
+use vmm_core::protocol::ListType;
+use vmm_core::{Data, Request};
+
+/// One request the client knows how to build and show the answer of.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Ping,
+    Register(Registration),
+    Authenticate {
+        vm_id: String,
+        password: String,
+    },
+    List(ListType),
+    Update(Update),
+    Logout,
+    /// `watch` with these topics; none: every topic.
+    Watch(Vec<String>),
+    Unwatch,
+    Help,
+    /// Open an operator session with the admin token.
+    Operator {
+        admin_token: String,
+    },
+    /// Read the audit trail (operator sessions).
+    Audit {
+        vm_id: Option<String>,
+        limit: Option<u32>,
+    },
+    /// End every session of a VM (operator sessions).
+    Revoke {
+        vm_id: String,
+    },
+}
+
+impl Op {
+    pub fn command(&self) -> &'static str {
+        match self {
+            Op::Ping => "ping",
+            Op::Register(_) => "register",
+            Op::Authenticate { .. } => "authenticate",
+            Op::List(_) => "list",
+            Op::Update(_) => "update",
+            Op::Logout => "logout",
+            Op::Watch(_) => "watch",
+            Op::Unwatch => "unwatch",
+            Op::Help => "help",
+            Op::Operator { .. } => "authenticate",
+            Op::Audit { .. } => "audit",
+            Op::Revoke { .. } => "revoke",
+        }
+    }
+
+    fn data(&self) -> Value {
+        match self {
+            Op::Ping | Op::Logout | Op::Unwatch | Op::Help => json!({}),
+            Op::Watch(topics) if topics.is_empty() => json!({}),
+            Op::Watch(topics) => json!({"topics": topics}),
+            Op::Register(registration) => registration.to_data(),
+            Op::Authenticate { vm_id, password } => {
+                json!({"vm_id": vm_id, "password": password})
+            }
+            Op::List(kind) => json!({"list_type": kind.as_str()}),
+            Op::Update(update) => update.to_data(),
+            Op::Operator { admin_token } => json!({"admin_token": admin_token}),
+            Op::Revoke { vm_id } => json!({"vm_id": vm_id}),
+            Op::Audit { vm_id, limit } => {
+                let mut data = serde_json::Map::new();
+                if let Some(vm_id) = vm_id {
+                    data.insert("vm_id".into(), json!(vm_id));
+                }
+                if let Some(limit) = limit {
+                    data.insert("limit".into(), json!(limit));
+                }
+                Value::Object(data)
+            }
+        }
+    }
+
+    /// The request as it goes on the wire.
+    pub fn to_text(&self) -> String {
+        let data = match self.data() {
+            Value::Object(data) => data,
+            _ => Data::new(),
+        };
+        Request {
+            command: self.command().to_owned(),
+            data,
+            id: None,
+        }
+        .to_value()
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_no_id() {
+        let text = Op::List(ListType::AllDisks).to_text();
+        assert_eq!(
+            text,
+            r#"{"command":"list","data":{"list_type":"all_disks"}}"#
+        );
+        assert_eq!(Op::Ping.to_text(), r#"{"command":"ping","data":{}}"#);
+    }
+}
