@@ -374,7 +374,7 @@ async fn random_clients_on_two_instances_agree_with_the_model() {
     );
 
     // Every acknowledged change is visible.
-    let model = model.lock().unwrap();
+    let model = std::mem::take(&mut *model.lock().unwrap());
     let rows = db
         .query("SELECT vm_id, ram, cpu FROM vms", &[])
         .await
