@@ -131,6 +131,22 @@ impl AuditLog {
         }
     }
 
+    /// Counts a refusal that has no time to wait for the database (the
+    /// accept loop's, past its refusal slots) against an open row of its
+    /// kind, if there is one; false when there is none (the refusal is then
+    /// only in the log's counts).
+    pub fn count_repeat(&self, entry: Entry<'_>) -> bool {
+        let mut state = self.lock();
+        match state.open.get_mut(&AuditLog::key(&entry)) {
+            Some(row) if row.since.elapsed() < WINDOW => {
+                row.repeats += 1;
+                row.last_at = SystemTime::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Counts the event against an open row; false when it needs a row of
     /// its own (and is then expected to be written and [`Self::opened`]).
     fn repeat(&self, entry: &Entry<'_>) -> bool {

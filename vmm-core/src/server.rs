@@ -88,7 +88,7 @@ pub async fn serve(
                 };
                 configure(&stream, context.config.tcp_keepalive);
                 let Some(from_ip) = per_ip.enter(peer.ip(), context.config.max_connections_per_ip) else {
-                    tracing::warn!(%peer, "too many connections from this address, refusing");
+                    repeated.crowded();
                     refusals.refuse(&mut tasks, stream, peer, "too many connections from your address; try again later");
                     continue;
                 };
@@ -156,6 +156,7 @@ struct Repeated {
     exhausted: Throttle,
     starved: Throttle,
     busy: Throttle,
+    crowded: Throttle,
 }
 
 impl Repeated {
@@ -177,12 +178,23 @@ impl Repeated {
         }
     }
 
+    fn crowded(&mut self) {
+        if let Some(count) = self.crowded.hit(Instant::now()) {
+            Self::log_crowded(count);
+        }
+    }
+
     /// When counts not logged yet are due.
     fn due(&self) -> Option<Instant> {
-        [self.exhausted.due(), self.starved.due(), self.busy.due()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.exhausted.due(),
+            self.starved.due(),
+            self.busy.due(),
+            self.crowded.due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Logs the counts that are due.
@@ -196,6 +208,9 @@ impl Repeated {
         }
         if let Some(count) = self.busy.flush(now) {
             Self::log_busy(count);
+        }
+        if let Some(count) = self.crowded.flush(now) {
+            Self::log_crowded(count);
         }
     }
 
@@ -212,6 +227,14 @@ impl Repeated {
             count,
             "accept failed: out of memory (ENOBUFS/ENOMEM); retrying every 10 ms \
              (count: since the last such line)"
+        );
+    }
+
+    fn log_crowded(count: u64) {
+        tracing::warn!(
+            count,
+            "too many connections from one address (--max-connections-per-ip), refusing \
+             (count: since the last such line; the audit trail names the addresses)"
         );
     }
 
@@ -273,8 +296,8 @@ impl Refusals {
     }
 
     /// Refuses in a task of its own ([`refuse`]) while slots are free; past
-    /// that, at once: the reply without waiting, then the close (and no
-    /// audit row).
+    /// that, at once: the reply without waiting, then the close, counted in
+    /// the audit trail only as a repeat of a refusal already written.
     fn refuse(
         &self,
         tasks: &mut JoinSet<()>,
@@ -286,7 +309,17 @@ impl Refusals {
             Ok(slot) => {
                 tasks.spawn(refuse(stream, peer, Arc::clone(&self.context), why, slot));
             }
-            Err(_) => descriptors::refuse_now(&socket2::SockRef::from(&stream), why),
+            Err(_) => {
+                descriptors::refuse_now(&socket2::SockRef::from(&stream), why);
+                let peer = peer.to_string();
+                self.context.audit_log.count_repeat(crate::audit::Entry {
+                    peer: &peer,
+                    vm_id: None,
+                    action: "connect",
+                    outcome: "refused",
+                    detail: why,
+                });
+            }
         }
     }
 }
