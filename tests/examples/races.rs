@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use vmm_core::client::Update;
 use vmm_tests::race::{Pair, race};
-use vmm_tests::{RawConn, client_from, password_for, registration};
+use vmm_tests::{RawConn, client_from, registration};
 
 const ADMIN: &str = "bench-operator";
 
@@ -108,15 +108,7 @@ async fn main() {
     // logout, then an operator's revoke, ends them all.
     for how in ["logout", "revoke"] {
         let vm_id = format!("shared-{how}");
-        let mut owner = pair.a.client().await;
-        owner
-            .register(&registration(&vm_id, 64, vec![]))
-            .await
-            .expect("register");
-        let (_, token) = owner
-            .login(&vm_id, &password_for(&vm_id))
-            .await
-            .expect("login");
+        let (mut owner, token) = pair.a.owner(&vm_id).await;
         let holders = race(sessions, |i, gate| {
             let (addr, token, vm_id) = (pair.addr(i), token.clone(), vm_id.clone());
             async move {
@@ -156,15 +148,7 @@ async fn main() {
     }
 
     // 4. Sessions of one VM racing to attach disks.
-    let mut owner = pair.a.client().await;
-    owner
-        .register(&registration("crowded", 64, vec![]))
-        .await
-        .expect("register");
-    let (_, token) = owner
-        .login("crowded", &password_for("crowded"))
-        .await
-        .expect("login");
+    let (_owner, token) = pair.a.owner("crowded").await;
     let started = Instant::now();
     let results = race(100, |i, gate| {
         let (addr, token) = (pair.addr(i), token.clone());

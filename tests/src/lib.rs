@@ -36,6 +36,69 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 
 pub mod race;
 
+/// splitmix64: small and seedable, for tests that choose at random but
+/// must replay a failing run from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn between(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        self.between(0, n - 1)
+    }
+}
+
+/// Log output captured in memory, for a test binary that installs its own
+/// subscriber: `tracing_subscriber::fmt().with_writer(move || logs.clone())`.
+#[derive(Clone, Default)]
+pub struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        let bytes = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The lines logged so far that are JSON (a JSON subscriber's entries).
+    pub fn entries(&self) -> Vec<Value> {
+        self.text()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
 fn fail(message: String) -> ! {
     panic!("\n\n{message}\n\n")
 }
@@ -524,6 +587,21 @@ impl TestServer {
             .await
             .unwrap_or_else(|err| fail(format!("cannot authenticate {vm_id}: {err}")));
         client
+    }
+
+    /// A client that registered `vm_id` (with no disks) and logged in with
+    /// its password, and the session token it was given.
+    pub async fn owner(&self, vm_id: &str) -> (vmm_core::Client, String) {
+        let mut client = self.client().await;
+        client
+            .register(&registration(vm_id, 64, Vec::new()))
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot register {vm_id}: {err}")));
+        let (_, token) = client
+            .login(vm_id, &password_for(vm_id))
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot log in as {vm_id}: {err}")));
+        (client, token)
     }
 
     pub async fn raw(&self) -> RawConn {

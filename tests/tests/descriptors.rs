@@ -9,37 +9,12 @@
 //! global log subscriber.
 
 use std::fs::File;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use vmm_tests::{Answer, TestServer, at_most_one_a_second, eventually, ok, ping_or_busy};
 
 /// Clients waiting while the server is out of descriptors.
 const CLIENTS: usize = 50;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn entries(&self) -> Vec<Value> {
-        let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8_lossy(&bytes)
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    }
-}
 
 /// Opens `/dev/null` until the process has no descriptor left.
 fn fill_the_table() -> Vec<File> {
@@ -55,7 +30,7 @@ fn fill_the_table() -> Vec<File> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_waiting_clients_are_refused_not_left_hanging() {
-    let logs = Captured::default();
+    let logs = vmm_tests::CapturedLog::default();
     let writer = logs.clone();
     tracing_subscriber::fmt()
         .json()

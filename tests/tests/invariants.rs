@@ -54,15 +54,7 @@ async fn the_disk_limit_holds_when_sessions_of_one_vm_attach_at_once() {
     for sessions in [8, 30] {
         for round in 0..ROUNDS {
             let pair = Pair::start(cheap).await;
-            let mut owner = pair.a.client().await;
-            owner
-                .register(&registration("crowded", 64, vec![]))
-                .await
-                .unwrap();
-            let (_, token) = owner
-                .login("crowded", &password_for("crowded"))
-                .await
-                .unwrap();
+            let (_owner, token) = pair.a.owner("crowded").await;
             let results = race(sessions, |i, gate| {
                 let (addr, token) = (pair.addr(i), token.clone());
                 async move {
@@ -402,15 +394,7 @@ async fn revoking_a_token_ends_every_session_holding_it_on_both_instances() {
 async fn a_token_in_a_request_is_checked_against_the_live_store() {
     for _ in 0..ROUNDS {
         let pair = Pair::start(cheap).await;
-        let mut owner = pair.a.client().await;
-        owner
-            .register(&registration("shared", 64, vec![]))
-            .await
-            .unwrap();
-        let (_, token) = owner
-            .login("shared", &password_for("shared"))
-            .await
-            .unwrap();
+        let (_owner, token) = pair.a.owner("shared").await;
         // 30 holders on both instances: the revocation lands while each is
         // about to write with the token. None may write after it committed.
         let holders: Vec<_> = holders(&pair, &token, 30)

@@ -22,28 +22,11 @@ use vmm_core::client::{Client, Update};
 use vmm_core::password::HashCost;
 use vmm_core::protocol::{ErrorCode, Reply, VmView};
 use vmm_tests::race::{Pair, race};
-use vmm_tests::{client_from, machine, password_for};
+use vmm_tests::{Rng, client_from, machine, password_for};
 
 const CLIENTS: usize = 50;
 const VMS: usize = 10;
 const ADMIN: &str = "the-model-operator";
-
-/// splitmix64: small, seedable, good enough to pick operations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// What the clients were told, shared by all of them.
 #[derive(Default)]

@@ -2,30 +2,14 @@
 //! when the password is sent where it does not belong. This file owns its
 //! test binary's global log subscriber, at the most verbose level.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use serde_json::json;
 use vmm_tests::TestServer;
 
 const SECRET: &str = "Tr0ub4dor&3-unique-marker";
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_reply_or_log_line_contains_a_password() {
-    let logs = Captured::default();
+    let logs = vmm_tests::CapturedLog::default();
     let writer = logs.clone();
     tracing_subscriber::fmt()
         .with_env_filter("trace")
@@ -98,7 +82,7 @@ async fn no_reply_or_log_line_contains_a_password() {
         !replies.contains(SECRET),
         "a reply holds the password: {replies}"
     );
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(logs.contains("authenticated"), "the log was captured");
     let leaks: Vec<&str> = logs
         .lines()

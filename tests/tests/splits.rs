@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use serde_json::{Value, json};
-use vmm_tests::{TestServer, password_for};
+use vmm_tests::{Rng, TestServer, password_for};
 
 const VM: &str = "splits-vm";
 const DEFAULT_SEED: u64 = 0x5eed_0000_5b11_7500;
@@ -189,24 +189,6 @@ fn requests() -> Vec<(Piece, &'static str)> {
     ]
 }
 
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `lo..=hi`.
-    fn between(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
-
 /// Chunk lengths that add up to `len`, in one of four styles.
 fn split_pattern(rng: &mut Rng, style: usize, stream: &[u8]) -> Vec<usize> {
     let len = stream.len();
@@ -231,7 +213,7 @@ fn split_pattern(rng: &mut Rng, style: usize, stream: &[u8]) -> Vec<usize> {
             .iter()
             .enumerate()
             .filter(|(_, b)| b"\n\r{}[]\"\\: ".contains(b))
-            .filter_map(|(i, _)| match rng.next() % 3 {
+            .filter_map(|(i, _)| match rng.next_u64() % 3 {
                 0 => Some(i),
                 1 => Some(i + 1),
                 _ => None,
@@ -242,7 +224,7 @@ fn split_pattern(rng: &mut Rng, style: usize, stream: &[u8]) -> Vec<usize> {
             let mut cuts = Vec::new();
             let mut at = 0;
             while at < len {
-                at += if rng.next().is_multiple_of(3) {
+                at += if rng.next_u64().is_multiple_of(3) {
                     rng.between(20, 300)
                 } else {
                     1
