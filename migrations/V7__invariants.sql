@@ -73,6 +73,22 @@ LANGUAGE plpgsql AS $$
 DECLARE
     quiet timestamptz := now() - win * interval '1 second';
 BEGIN
+    -- A key that refuses is seen without a lock or a write, so a flood of
+    -- refused attempts costs reads only, in parallel.
+    RETURN QUERY
+        SELECT CASE WHEN a.blocked_until > now()
+                    THEN greatest(ceil(extract(epoch FROM a.blocked_until - now()) * 1000)::bigint, 1)
+                    ELSE 1000 END,
+               a.key,
+               a.blocked_until > now()
+        FROM login_attempts a
+        WHERE a.key = ANY (keys)
+          AND NOT (a.last_at < quiet AND coalesce(a.blocked_until < quiet, true))
+          AND (a.blocked_until > now() OR a.attempts >= lim AND a.running > 0)
+        ORDER BY a.blocked_until DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        RETURN;
+    END IF;
     -- A few stale keys go with every reservation, so the table stays the
     -- size of what was tried recently.
     DELETE FROM login_attempts WHERE key IN (
@@ -90,6 +106,7 @@ BEGIN
                        THEN 0 ELSE a.running END,
         blocked_until = CASE WHEN a.last_at < quiet AND coalesce(a.blocked_until < quiet, true)
                              THEN NULL ELSE a.blocked_until END;
+    -- Again, now that the rows are locked and fresh: this is the decision.
     RETURN QUERY
         SELECT CASE WHEN a.blocked_until > now()
                     THEN greatest(ceil(extract(epoch FROM a.blocked_until - now()) * 1000)::bigint, 1)
