@@ -150,6 +150,7 @@ impl Passwords {
             .acquire()
             .await
             .map_err(|_| Error::internal())?;
+        self.runs.fetch_add(1, Ordering::Relaxed);
         tokio::task::spawn_blocking(work).await.map_err(|err| {
             tracing::error!(error = %err, "password hashing task failed");
             Error::internal()
@@ -164,12 +165,14 @@ mod tests {
     #[tokio::test]
     async fn hashes_are_argon2id_verify_and_follow_new_parameters() {
         let passwords = Passwords::new(2, HashCost::default()).unwrap();
+        assert_eq!(passwords.hashes_run(), 0);
         let hash = passwords.hash("securePass123".into()).await.unwrap();
         assert!(
             hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
             "{hash}"
         );
         assert!(!hash.contains("securePass123"));
+        assert_eq!(passwords.hashes_run(), 1, "every hash is counted");
         let check = |password: &str, hash: Option<String>| passwords.verify(password.into(), hash);
         assert_eq!(
             check("securePass123", Some(hash.clone())).await.unwrap(),
