@@ -6,11 +6,11 @@
 //!   (process-wide policy: `vmm-server` calls it at start, an embedder may);
 //! - [`serve`](crate::serve) lowers its connection limit to what fits under
 //!   the soft limit, once, with a warning;
-//! - the accept loop keeps a [`Spare`] descriptor: when `accept` fails with
+//! - the accept loop keeps a `Spare` descriptor: when `accept` fails with
 //!   `EMFILE` anyway (something else used the descriptors), it frees the
 //!   spare, accepts one client, answers it `server_busy`, closes it and
 //!   takes the spare back, so that no client hangs;
-//! - a [`Throttle`] keeps each such condition to one log line a second.
+//! - a `Throttle` keeps each such condition to one log line a second.
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -18,7 +18,8 @@
 //!   themselves. Their doc comments show their wire format.
 //! - [`params`]: strict decoding and validation of a command's `data`.
 //! - [`session`]: the live sessions of every instance, and the calling
-//!   connection's own.
+//!   connection's own: who it is (nobody, a VM by its token family, or an
+//!   operator), and the revocations that end it.
 //! - [`events`]: change events from every instance, for `watch`: events,
 //!   topics, and the fan-out to this instance's watchers.
 //! - [`listener`]: the connection that LISTENs for every instance's NOTIFY:

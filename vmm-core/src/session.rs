@@ -15,6 +15,14 @@
 //! of connections costs a few statements, not one each). A write that fails
 //! marks the instance "dirty", and the presence loop ([`crate::presence`])
 //! writes the whole set again once the database answers.
+//!
+//! Who a session is, is one value ([`Session`]'s identity): nobody, an
+//! operator, or a VM by its [`VmLogin`], which names the token family the
+//! session authenticated with. Every successful `authenticate` replaces it
+//! whole. A VM login listens in [`Sessions`]' registry for its family's
+//! revocation (which [`crate::listener`] learns from any instance) and
+//! watches its token's expiry; the connection task then ends it before the
+//! next command ([`Session::settle`]).
 
 use std::collections::HashMap;
 use std::future::Future;
