@@ -89,12 +89,6 @@ BEGIN
     IF FOUND THEN
         RETURN;
     END IF;
-    -- A few stale keys go with every reservation, so the table stays the
-    -- size of what was tried recently.
-    DELETE FROM login_attempts WHERE key IN (
-        SELECT a.key FROM login_attempts a
-        WHERE a.last_at < quiet AND coalesce(a.blocked_until < quiet, true)
-        ORDER BY a.last_at LIMIT 8 FOR UPDATE SKIP LOCKED);
     -- Lock (creating) each key's row, in one order so that two attempts
     -- never deadlock, forgetting the past of a quiet key.
     INSERT INTO login_attempts AS a (key, attempts, last_at)
@@ -123,16 +117,26 @@ BEGIN
     UPDATE login_attempts a
     SET attempts = a.attempts + 1, running = a.running + 1, last_at = now()
     WHERE a.key = ANY (keys);
+    -- A few stale keys go with every reservation, so the table stays the
+    -- size of what was tried recently. Last, and skipping locked rows, so
+    -- that it never waits while holding this attempt's keys.
+    DELETE FROM login_attempts WHERE key IN (
+        SELECT a.key FROM login_attempts a
+        WHERE a.last_at < quiet AND coalesce(a.blocked_until < quiet, true)
+        ORDER BY a.last_at LIMIT 8 FOR UPDATE SKIP LOCKED);
     RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::boolean;
 END
 $$;
 
 -- A reserved attempt failed: it stays counted, and once `lim` attempts of a
 -- key have failed the key is blocked for `base` seconds, doubled for each
--- failure past `lim`, at most `cap`.
+-- failure past `lim`, at most `cap`. Rows are locked in key order, as every
+-- function here locks them, so that no two of them deadlock.
 CREATE FUNCTION vmm_login_failed(keys text[], lim int, base float8, cap float8)
 RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM login_attempts WHERE key = ANY (keys) ORDER BY key FOR UPDATE;
     UPDATE login_attempts a SET
         running = greatest(a.running - 1, 0),
         last_at = now(),
@@ -141,18 +145,22 @@ LANGUAGE sql AS $$
             THEN now() + least(cap, base * power(2, least(
                      a.attempts - greatest(a.running - 1, 0) - lim, 30))) * interval '1 second'
             ELSE a.blocked_until END
-    WHERE a.key = ANY (keys)
+    WHERE a.key = ANY (keys);
+END
 $$;
 
 -- A reserved attempt succeeded, or never got to check anything: its place
 -- is given back; `forget` (the VM's key after a successful login) is cleared.
 CREATE FUNCTION vmm_login_release(keys text[], forget text)
 RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM login_attempts WHERE key = ANY (keys) ORDER BY key FOR UPDATE;
     UPDATE login_attempts SET attempts = greatest(attempts - 1, 0),
                               running = greatest(running - 1, 0)
     WHERE key = ANY (keys) AND key IS DISTINCT FROM forget;
     DELETE FROM login_attempts WHERE key = forget;
+END
 $$;
 
 -- 3. Session tokens name a session family: every session that authenticated

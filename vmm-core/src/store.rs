@@ -38,10 +38,13 @@ macro_rules! vm_select {
 }
 
 const VMS_BY_ID: &str = vm_select!("WHERE v.vm_id = ANY($1) GROUP BY v.vm_id ORDER BY v.vm_id");
-const VM_FOR_LOGIN: &str = vm_select!(
-    "WHERE v.vm_id = $1 AND ($2::bigint IS NULL OR EXISTS ( \
-        SELECT 1 FROM tokens t WHERE t.family = $2 AND t.vm_id = $1 AND t.expires_at > now())) \
-     GROUP BY v.vm_id"
+const VM_FOR_LOGIN: &str = concat!(
+    "WITH seen AS ( \
+         UPDATE vms SET last_seen_at = now() WHERE vm_id = $1 AND ($2::bigint IS NULL OR EXISTS ( \
+             SELECT 1 FROM tokens t WHERE t.family = $2 AND t.vm_id = $1 AND t.expires_at > now())) \
+         RETURNING vm_id \
+     ) ",
+    vm_select!("WHERE v.vm_id IN (SELECT vm_id FROM seen) GROUP BY v.vm_id")
 );
 const ALL_VMS: &str = vm_select!("GROUP BY v.vm_id ORDER BY v.vm_id");
 
@@ -667,14 +670,13 @@ impl Store {
         Ok(())
     }
 
-    /// Records that connections of these VMs are or were open just now.
-    pub async fn touch(&self, vm_ids: &[&str]) -> Result<()> {
-        if vm_ids.is_empty() {
-            return Ok(());
-        }
+    /// Records that a connection of this VM is or was open just now. One
+    /// row per statement: a statement that updates several rows locks them
+    /// in the order its scan meets them, which can deadlock with another.
+    pub async fn touch(&self, vm_id: &str) -> Result<()> {
         self.execute(
-            "UPDATE vms SET last_seen_at = now() WHERE vm_id = ANY($1)",
-            &[&vm_ids],
+            "UPDATE vms SET last_seen_at = now() WHERE vm_id = $1",
+            &[&vm_id],
         )
         .await?;
         Ok(())
@@ -694,7 +696,8 @@ impl Store {
     }
 
     /// The VM a session is entering, if it exists and, when the session
-    /// comes with a token family, that family's token is still live.
+    /// comes with a token family, that family's token is still live; it is
+    /// recorded as seen now.
     pub async fn vm_for_login(&self, vm_id: &str, family: Option<i64>) -> Result<Option<VmView>> {
         let row = self.query_opt(VM_FOR_LOGIN, &[&vm_id, &family]).await?;
         Ok(row.map(|row| record(&row).view))
@@ -946,7 +949,7 @@ impl Store {
     }
 
     /// Writes connections opened and closed since the last batch: one
-    /// transaction of at most two statements, however many there are.
+    /// transaction of at most three statements, however many there are.
     pub async fn write_sessions(
         &self,
         instance_id: i64,
@@ -959,6 +962,15 @@ impl Store {
             Self::upsert_sessions(&tx, instance_id, opened).await?;
         }
         if !closed.is_empty() {
+            // The VMs' rows are locked in key order first: another instance's
+            // batch may close sessions of the same VMs.
+            let lock = tx
+                .prepare_cached(
+                    "SELECT 1 FROM vms WHERE vm_id = ANY($1) ORDER BY vm_id FOR NO KEY UPDATE",
+                )
+                .await?;
+            let vms: Vec<&str> = closed.iter().filter_map(|s| s.vm_id.as_deref()).collect();
+            tx.execute(&lock, &[&vms]).await?;
             let close = tx
                 .prepare_cached(
                     "WITH gone AS ( \
@@ -968,7 +980,6 @@ impl Store {
                 )
                 .await?;
             let ids: Vec<i64> = closed.iter().map(SessionInfo::db_id).collect();
-            let vms: Vec<&str> = closed.iter().filter_map(|s| s.vm_id.as_deref()).collect();
             tx.execute(&close, &[&instance_id, &ids, &vms]).await?;
         }
         tx.commit().await?;

@@ -276,9 +276,9 @@ async fn enter(
     by_token: bool,
 ) -> Result<Success> {
     // The VM this connection leaves (if it switches) was last seen now.
-    let mut seen = vec![vm_id];
-    seen.extend(session.vm_id().filter(|previous| *previous != vm_id));
-    ctx.store.touch(&seen).await?;
+    if let Some(previous) = session.vm_id().filter(|previous| *previous != vm_id) {
+        ctx.store.touch(previous).await?;
+    }
     let family = by_token.then_some(login.family());
     let Some(vm) = ctx.store.vm_for_login(vm_id, family).await? else {
         return Err(if by_token {
