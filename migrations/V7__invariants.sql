@@ -58,6 +58,24 @@ ALTER INDEX login_failures_pkey RENAME TO login_attempts_pkey;
 -- Keys that have been quiet for a window are pruned by last_at.
 CREATE INDEX login_attempts_last_at_idx ON login_attempts (last_at);
 
+-- Which of `keys` refuses an attempt now, if one does: the one blocked the
+-- longest, else one full of attempts still running (try again in a second).
+-- A key quiet since `quiet` is about to start over, so it refuses nothing.
+CREATE FUNCTION vmm_login_refusal(keys text[], lim int, quiet timestamptz)
+RETURNS TABLE (retry_after_ms bigint, refused_key text, blocked boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN a.blocked_until > now()
+                THEN greatest(ceil(extract(epoch FROM a.blocked_until - now()) * 1000)::bigint, 1)
+                ELSE 1000 END,
+           a.key,
+           a.blocked_until > now()
+    FROM login_attempts a
+    WHERE a.key = ANY (keys)
+      AND NOT (a.last_at < quiet AND coalesce(a.blocked_until < quiet, true))
+      AND (a.blocked_until > now() OR a.attempts >= lim AND a.running > 0)
+    ORDER BY a.blocked_until DESC NULLS LAST LIMIT 1
+$$;
+
 -- Reserves an attempt under every key at once, or under none. Returns one
 -- row: all NULL when the attempt may run; else which key refused it, for
 -- how long, and whether it is blocked after failures (`blocked`) or only
@@ -76,16 +94,7 @@ BEGIN
     -- A key that refuses is seen without a lock or a write, so a flood of
     -- refused attempts costs reads only, in parallel.
     RETURN QUERY
-        SELECT CASE WHEN a.blocked_until > now()
-                    THEN greatest(ceil(extract(epoch FROM a.blocked_until - now()) * 1000)::bigint, 1)
-                    ELSE 1000 END,
-               a.key,
-               a.blocked_until > now()
-        FROM login_attempts a
-        WHERE a.key = ANY (keys)
-          AND NOT (a.last_at < quiet AND coalesce(a.blocked_until < quiet, true))
-          AND (a.blocked_until > now() OR a.attempts >= lim AND a.running > 0)
-        ORDER BY a.blocked_until DESC NULLS LAST LIMIT 1;
+        SELECT * FROM vmm_login_refusal(keys, lim, quiet);
     IF FOUND THEN
         RETURN;
     END IF;
@@ -102,15 +111,7 @@ BEGIN
                              THEN NULL ELSE a.blocked_until END;
     -- Again, now that the rows are locked and fresh: this is the decision.
     RETURN QUERY
-        SELECT CASE WHEN a.blocked_until > now()
-                    THEN greatest(ceil(extract(epoch FROM a.blocked_until - now()) * 1000)::bigint, 1)
-                    ELSE 1000 END,
-               a.key,
-               a.blocked_until > now()
-        FROM login_attempts a
-        WHERE a.key = ANY (keys)
-          AND (a.blocked_until > now() OR a.attempts >= lim AND a.running > 0)
-        ORDER BY a.blocked_until DESC NULLS LAST LIMIT 1;
+        SELECT * FROM vmm_login_refusal(keys, lim, quiet);
     IF FOUND THEN
         RETURN;
     END IF;
