@@ -38,12 +38,18 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
-use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
+use std::future::Future;
 
-use crate::protocol::Reply;
+use bytes::{Buf, BytesMut};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::listing::{Batch, Fill};
+use crate::protocol::{BadRequest, ErrorCode, Reply, ReplyRef, Request, Status};
+use crate::registry::Success;
 use syntax::{Step, Syntax};
 
 /// What the decoder found next in the input.
@@ -57,6 +63,20 @@ pub enum Frame {
     Invalid,
     /// A value longer than the limit. The stream cannot be resynchronised
     /// safely, so the connection must be closed.
+    TooLarge,
+}
+
+/// A [`Frame`] whose value is still bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawFrame {
+    /// The bytes of one value whose brackets, strings and separators are
+    /// well formed. It may still not be JSON (a bad literal or number, bytes
+    /// that are not UTF-8): the caller then calls
+    /// [`FrameDecoder::skip_line`], as `decode` does.
+    Value(BytesMut),
+    /// See [`Frame::Invalid`].
+    Invalid,
+    /// See [`Frame::TooLarge`].
     TooLarge,
 }
 
@@ -142,6 +162,22 @@ impl FrameDecoder {
     /// input is needed. Bytes that are consumed are removed from `buf`; a
     /// partial value stays in it.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+        Some(match self.decode_raw(buf)? {
+            RawFrame::Value(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(value) => Frame::Value(value),
+                Err(_) => {
+                    self.skip_line();
+                    Frame::Invalid
+                }
+            },
+            RawFrame::Invalid => Frame::Invalid,
+            RawFrame::TooLarge => Frame::TooLarge,
+        })
+    }
+
+    /// [`FrameDecoder::decode`] without building the value: its bytes, for
+    /// a caller that decodes them into its own type.
+    pub fn decode_raw(&mut self, buf: &mut BytesMut) -> Option<RawFrame> {
         if self.overflowed {
             buf.clear();
             return None;
@@ -177,34 +213,31 @@ impl FrameDecoder {
         }
         let end = match self.scan(buf) {
             Scan::Partial => return None,
-            Scan::TooLarge => return Some(self.too_large()),
+            Scan::TooLarge => {
+                self.overflowed = true;
+                return Some(RawFrame::TooLarge);
+            }
             Scan::Broken { at, resume } => {
                 buf.advance(at);
                 self.kind = None;
                 self.skipping_line = resume == Resume::NextLine;
-                return Some(Frame::Invalid);
+                return Some(RawFrame::Invalid);
             }
             Scan::Complete(end) => end,
         };
-        let value = buf.split_to(end);
         self.kind = None;
-        match serde_json::from_slice::<Value>(&value) {
-            Ok(value) => Some(Frame::Value(value)),
-            Err(_) => {
-                self.skipping_line = true;
-                Some(Frame::Invalid)
-            }
-        }
+        Some(RawFrame::Value(buf.split_to(end)))
+    }
+
+    /// Skips the rest of the current line: what follows a value that turned
+    /// out not to be JSON after all (see [`RawFrame::Value`]).
+    pub fn skip_line(&mut self) {
+        self.skipping_line = true;
     }
 
     /// Whether part of a value has arrived but not all of it.
     pub fn in_value(&self) -> bool {
         self.kind.is_some()
-    }
-
-    fn too_large(&mut self) -> Frame {
-        self.overflowed = true;
-        Frame::TooLarge
     }
 
     /// Scans the bytes of the current value that are new since the last call.
@@ -295,27 +328,95 @@ pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of a connection, plain TCP or TLS.
 pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// One client connection: a decoder over the read half and a buffered write
-/// half. Replies are flushed only when no further complete request is already
-/// buffered, so a pipelining client gets its replies in few segments.
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 4096;
+
+/// A write buffer larger than this after a flush is given back: a big reply
+/// (a list) must not leave its connection holding its memory.
+const KEEP_OUT: usize = 1024;
+
+/// A plain TCP read half is kept as such so that reading can wait for
+/// readiness before it allocates: an idle connection then holds no read
+/// buffer at all. TLS streams buffer internally anyway.
+enum Reader {
+    Tcp(OwnedReadHalf),
+    Other(ReadHalf),
+}
+
+/// What arrived from the client.
+#[derive(Debug)]
+pub enum Incoming {
+    Request(Request),
+    /// Not a request: answer this, and go on with the next one.
+    Bad(Reply),
+    /// A request longer than the limit. The stream cannot be resynchronised
+    /// safely, so the connection must be closed.
+    TooLarge,
+}
+
+/// Why a reply could not be sent whole. Either way the connection must close.
+#[derive(Debug)]
+pub enum SendError {
+    /// The socket failed, or the client stopped reading for the write timeout.
+    Io(io::Error),
+    /// A list failed after its reply had started, so the line cannot be
+    /// finished or turned into an error reply.
+    ListFailed(crate::Error),
+}
+
+impl From<io::Error> for SendError {
+    fn from(err: io::Error) -> SendError {
+        SendError::Io(err)
+    }
+}
+
+/// One client connection: a decoder over the read half, and a write buffer
+/// that replies are serialised straight into. Replies are flushed only when
+/// no further complete request is already buffered, so a pipelining client
+/// gets its replies in few segments.
 pub struct Connection {
-    reader: ReadHalf,
-    writer: BufWriter<WriteHalf>,
+    reader: Reader,
+    writer: WriteHalf,
+    /// Replies not sent yet.
+    out: Vec<u8>,
+    /// Input not decoded yet; empty, without capacity, while idle.
     buffer: BytesMut,
     decoder: FrameDecoder,
     /// How long a request may take to arrive once it has started.
     request_timeout: Option<Duration>,
     /// When the request now arriving started.
     partial_since: Option<Instant>,
+    /// How long a write may stay blocked on a client that does not read.
+    write_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
             .field("buffered", &self.buffer.len())
+            .field("unsent", &self.out.len())
             .field("decoder", &self.decoder)
             .field("request_timeout", &self.request_timeout)
+            .field("write_timeout", &self.write_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+/// `work`, failing with `TimedOut` after `limit` (never when `None`).
+async fn within<T>(
+    limit: Option<Duration>,
+    what: &str,
+    work: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, work)
+            .await
+            .map_err(|_| timed_out(what))?,
+        None => work.await,
     }
 }
 
@@ -323,7 +424,7 @@ impl Connection {
     /// A plain TCP connection.
     pub fn new(stream: TcpStream, max_request_bytes: usize) -> Connection {
         let (reader, writer) = stream.into_split();
-        Connection::from_halves(Box::new(reader), Box::new(writer), max_request_bytes)
+        Connection::from_parts(Reader::Tcp(reader), Box::new(writer), max_request_bytes)
     }
 
     /// A connection over a TLS stream whose handshake is done (or over any
@@ -333,58 +434,91 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (reader, writer) = tokio::io::split(stream);
-        Connection::from_halves(Box::new(reader), Box::new(writer), max_request_bytes)
+        Connection::from_parts(
+            Reader::Other(Box::new(reader)),
+            Box::new(writer),
+            max_request_bytes,
+        )
     }
 
-    fn from_halves(reader: ReadHalf, writer: WriteHalf, max_request_bytes: usize) -> Connection {
+    fn from_parts(reader: Reader, writer: WriteHalf, max_request_bytes: usize) -> Connection {
         Connection {
             reader,
-            writer: BufWriter::new(writer),
-            buffer: BytesMut::with_capacity(4096),
+            writer,
+            out: Vec::new(),
+            buffer: BytesMut::new(),
             decoder: FrameDecoder::new(max_request_bytes),
             request_timeout: None,
             partial_since: None,
+            write_timeout: None,
         }
     }
 
-    /// Makes [`Connection::read_frame`] fail with `TimedOut` when a request
-    /// that has started arriving is not complete within `limit`: a client
-    /// that trickles bytes (or stops halfway) cannot hold a connection.
+    /// Makes reading fail with `TimedOut` when a request that has started
+    /// arriving is not complete within `limit`: a client that trickles bytes
+    /// (or stops halfway) cannot hold a connection.
     pub fn with_request_timeout(mut self, limit: Option<Duration>) -> Connection {
         self.request_timeout = limit;
         self
     }
 
-    /// Returns a frame that is already buffered, without reading.
-    pub fn buffered_frame(&mut self) -> Option<Frame> {
-        self.decoder.decode(&mut self.buffer)
+    /// Makes writing fail with `TimedOut` when the client has not read its
+    /// replies for `limit`.
+    pub fn with_write_timeout(mut self, limit: Option<Duration>) -> Connection {
+        self.write_timeout = limit;
+        self
     }
 
-    /// Reads until a frame is complete. `Ok(None)` is a clean end of stream.
-    /// Cancel safe: bytes read before a cancellation stay in the buffer.
-    pub async fn read_frame(&mut self) -> io::Result<Option<Frame>> {
+    /// Returns a request that is already buffered, without reading.
+    pub fn buffered_request(&mut self) -> Option<Incoming> {
+        let frame = self.decoder.decode_raw(&mut self.buffer)?;
+        Some(self.incoming(frame))
+    }
+
+    fn incoming(&mut self, frame: RawFrame) -> Incoming {
+        let not_json = || {
+            Incoming::Bad(Reply::error(
+                ErrorCode::InvalidJson,
+                "the request is not valid JSON (or not UTF-8); skipped to the next line",
+            ))
+        };
+        match frame {
+            RawFrame::TooLarge => Incoming::TooLarge,
+            RawFrame::Invalid => not_json(),
+            RawFrame::Value(bytes) => match Request::from_slice(&bytes) {
+                Ok(request) => Incoming::Request(request),
+                Err(BadRequest::NotJson) => {
+                    self.decoder.skip_line();
+                    not_json()
+                }
+                Err(BadRequest::Refused(code, message, id)) => {
+                    Incoming::Bad(Reply::error(code, message).with_id(id))
+                }
+            },
+        }
+    }
+
+    /// Reads until a request is complete. `Ok(None)` is a clean end of
+    /// stream. Cancel safe: bytes read before a cancellation stay in the
+    /// buffer.
+    pub async fn read_request(&mut self) -> io::Result<Option<Incoming>> {
         loop {
-            if let Some(frame) = self.decoder.decode(&mut self.buffer) {
+            if let Some(frame) = self.decoder.decode_raw(&mut self.buffer) {
                 self.partial_since = None;
-                return Ok(Some(frame));
+                return Ok(Some(self.incoming(frame)));
             }
             if self.decoder.in_value() {
                 self.partial_since.get_or_insert_with(Instant::now);
             }
-            self.buffer.reserve(4096);
-            let read = self.reader.read_buf(&mut self.buffer);
-            let read = match (self.partial_since, self.request_timeout) {
-                (Some(started), Some(limit)) => {
-                    tokio::time::timeout_at((started + limit).into(), read)
-                        .await
-                        .map_err(|_| {
-                            io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "the request did not arrive in time",
-                            )
-                        })??
-                }
-                _ => read.await?,
+            let deadline = match (self.partial_since, self.request_timeout) {
+                (Some(started), Some(limit)) => Some(started + limit),
+                _ => None,
+            };
+            let read = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), self.read_more())
+                    .await
+                    .map_err(|_| timed_out("the request did not arrive in time"))??,
+                None => self.read_more().await?,
             };
             if read == 0 {
                 return Ok(None);
@@ -392,18 +526,148 @@ impl Connection {
         }
     }
 
+    /// One read from the socket. Nothing is allocated until there is
+    /// something to read, and a buffer left empty is given back first.
+    async fn read_more(&mut self) -> io::Result<usize> {
+        if self.buffer.is_empty() && self.buffer.capacity() > 0 {
+            self.buffer = BytesMut::new();
+        }
+        match &mut self.reader {
+            Reader::Tcp(tcp) => loop {
+                tcp.readable().await?;
+                self.buffer.reserve(READ_CHUNK);
+                match tcp.try_read_buf(&mut self.buffer) {
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                    read => return read,
+                }
+            },
+            Reader::Other(reader) => {
+                self.buffer.reserve(READ_CHUNK);
+                reader.read_buf(&mut self.buffer).await
+            }
+        }
+    }
+
     /// Queues a reply; it is sent by [`Connection::flush`].
     pub async fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
-        self.writer.write_all(&reply.to_line()).await
+        self.put_line(&reply.as_ref())?;
+        self.send_if_big().await
+    }
+
+    /// Queues a command's success, streaming its list if it has one. A list
+    /// is sent as it is produced, in batches; everything else waits for
+    /// [`Connection::flush`].
+    pub async fn write_success(
+        &mut self,
+        success: Success,
+        id: Option<&Value>,
+    ) -> Result<(), SendError> {
+        let Some(mut listing) = success.listing else {
+            self.put_line(&ReplyRef {
+                status: Status::Success,
+                message: &success.message,
+                data: &success.data,
+                code: None,
+                id,
+            })?;
+            return Ok(self.send_if_big().await?);
+        };
+        // The reply's head, as `ReplyRef` would write it, then `data`'s
+        // own keys, then the list's key and its entries.
+        self.out
+            .extend_from_slice(br#"{"status":"success","message":"#);
+        self.put(&*success.message)?;
+        self.out.extend_from_slice(br#","data":{"#);
+        for (key, value) in &success.data {
+            self.put(key)?;
+            self.out.push(b':');
+            self.put(value)?;
+            self.out.push(b',');
+        }
+        self.put(listing.key)?;
+        self.out.extend_from_slice(b":[");
+        let mut batch = Batch {
+            buf: std::mem::take(&mut self.out),
+            entries: 0,
+        };
+        let done = loop {
+            match listing.entries.fill(&mut batch).await {
+                Ok(Fill::More) if batch.is_full() => {
+                    let sent = within(
+                        self.write_timeout,
+                        "the client does not read its replies",
+                        self.writer.write_all(&batch.buf),
+                    )
+                    .await;
+                    batch.buf.clear();
+                    if let Err(err) = sent {
+                        self.out = batch.buf;
+                        return Err(SendError::Io(err));
+                    }
+                }
+                Ok(Fill::More) => {}
+                Ok(Fill::Done { next }) => break Ok(next),
+                Err(err) => break Err(err),
+            }
+        };
+        self.out = batch.buf;
+        let next = done.map_err(|err| {
+            self.out.clear();
+            SendError::ListFailed(err)
+        })?;
+        self.out.push(b']');
+        if let Some(next) = next {
+            self.out.extend_from_slice(br#","next":"#);
+            self.put(&next)?;
+        }
+        self.out.push(b'}');
+        if let Some(id) = id {
+            self.out.extend_from_slice(br#","id":"#);
+            self.put(id)?;
+        }
+        self.out.extend_from_slice(b"}\n");
+        drop(listing);
+        Ok(self.send_if_big().await?)
     }
 
     /// Queues bytes that are already a complete line (an event).
     pub async fn write_raw(&mut self, line: &[u8]) -> io::Result<()> {
-        self.writer.write_all(line).await
+        self.out.extend_from_slice(line);
+        self.send_if_big().await
     }
 
+    fn put(&mut self, value: &(impl Serialize + ?Sized)) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, value).map_err(io::Error::other)
+    }
+
+    fn put_line(&mut self, value: &impl Serialize) -> io::Result<()> {
+        self.put(value)?;
+        self.out.push(b'\n');
+        Ok(())
+    }
+
+    /// Sends what is queued once it is a batch's worth, so that a pipelining
+    /// client's replies do not pile up without bound.
+    async fn send_if_big(&mut self) -> io::Result<()> {
+        if self.out.len() >= crate::listing::BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends everything queued, within the write timeout.
     pub async fn flush(&mut self) -> io::Result<()> {
-        self.writer.flush().await
+        let limit = self.write_timeout;
+        let what = "the client does not read its replies";
+        if !self.out.is_empty() {
+            within(limit, what, self.writer.write_all(&self.out)).await?;
+            self.out.clear();
+        }
+        within(limit, what, self.writer.flush()).await?;
+        if self.out.capacity() > KEEP_OUT {
+            self.out = Vec::new();
+        }
+        Ok(())
     }
 
     /// Sends a last reply and closes in a way that lets it reach the client:
@@ -412,7 +676,8 @@ impl Connection {
     /// make the kernel send RST, which can destroy the reply in flight.
     pub async fn close_with(mut self, reply: &Reply) {
         let sent = async {
-            self.writer.write_all(&reply.to_line()).await?;
+            self.put_line(&reply.as_ref())?;
+            self.writer.write_all(&self.out).await?;
             self.writer.flush().await?;
             self.writer.shutdown().await
         };
@@ -424,8 +689,12 @@ impl Connection {
         }
         let mut sink = [0u8; 4096];
         let drain = async {
-            while let Ok(n) = self.reader.read(&mut sink).await {
-                if n == 0 {
+            loop {
+                let read = match &mut self.reader {
+                    Reader::Tcp(tcp) => tcp.read(&mut sink).await,
+                    Reader::Other(reader) => reader.read(&mut sink).await,
+                };
+                if !matches!(read, Ok(n) if n > 0) {
                     break;
                 }
             }

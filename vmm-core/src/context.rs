@@ -106,6 +106,8 @@ pub struct Context {
     pub events: crate::events::Events,
     /// The audit trail, repeats coalesced.
     pub audit_log: crate::audit::AuditLog,
+    /// Lists running at once, bounded.
+    pub lists: crate::listing::Lists,
 }
 
 impl Context {
@@ -118,6 +120,7 @@ impl Context {
             events: crate::events::Events::default(),
             sessions: Arc::new(Sessions::new(store.clone())),
             audit_log: crate::audit::AuditLog::new(store.clone()),
+            lists: crate::listing::Lists::for_pool(config.db_pool_size),
             store,
             config,
         }))

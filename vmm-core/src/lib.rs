@@ -24,6 +24,8 @@
 //!   topics, and the fan-out to this instance's watchers.
 //! - [`listener`]: the connection that LISTENs for every instance's NOTIFY:
 //!   change events, and token revocations that end sessions here.
+//! - [`listing`]: list replies streamed from PostgreSQL in bounded memory,
+//!   and the bound on lists running at once.
 //! - [`presence`]: this instance's lease in the shared database, which is
 //!   how instances see each other's sessions and notice each other's death.
 //! - [`store`]: the only module that talks to PostgreSQL, and the migrations.
@@ -76,6 +78,7 @@ pub mod descriptors;
 pub mod error;
 pub mod events;
 pub mod listener;
+pub mod listing;
 pub mod params;
 pub mod password;
 pub mod presence;

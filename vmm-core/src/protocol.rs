@@ -24,7 +24,54 @@ pub struct Request {
     pub id: Option<Value>,
 }
 
+/// Why bytes that form one JSON value are not a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BadRequest {
+    /// Not JSON at all (or not UTF-8): the rest of its line is skipped.
+    NotJson,
+    /// Valid JSON of the wrong shape, with the request's `id` when it could
+    /// be read, so that a pipelining client can match the error to its request.
+    Refused(ErrorCode, &'static str, Option<Value>),
+}
+
+/// A request's top-level fields, each decoded as any JSON value so that its
+/// type is checked below with a message that names it. Other fields are
+/// skipped without being built.
+#[derive(Deserialize)]
+struct Fields {
+    #[serde(default, deserialize_with = "present")]
+    command: Option<Value>,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+}
+
 impl Request {
+    /// Decodes a request straight from its bytes, with no intermediate
+    /// `Value` of the whole request: the server's hot path.
+    pub fn from_slice(bytes: &[u8]) -> Result<Request, BadRequest> {
+        // serde_json skips unknown fields' strings without checking that
+        // they are UTF-8, and a request that is not UTF-8 is not JSON.
+        let text = std::str::from_utf8(bytes).map_err(|_| BadRequest::NotJson)?;
+        match serde_json::from_str::<Fields>(text) {
+            Ok(fields) => Request::from_fields(fields),
+            Err(err) if err.is_data() && err.to_string().starts_with("duplicate field") => {
+                Err(BadRequest::Refused(
+                    ErrorCode::InvalidRequest,
+                    "`command`, `data` and `id` may each appear only once",
+                    None,
+                ))
+            }
+            Err(err) if err.is_data() => Err(BadRequest::Refused(
+                ErrorCode::InvalidRequest,
+                "a request must be a JSON object",
+                None,
+            )),
+            Err(_) => Err(BadRequest::NotJson),
+        }
+    }
+
     /// Validates the shape of a decoded JSON value. On failure the error still
     /// carries the request's `id` when one could be read, so that a pipelining
     /// client can match the error to its request.
@@ -36,28 +83,34 @@ impl Request {
                 None,
             ));
         };
-        let id = match object.remove("id") {
+        let fields = Fields {
+            command: object.remove("command"),
+            data: object.remove("data"),
+            id: object.remove("id"),
+        };
+        Request::from_fields(fields).map_err(|bad| match bad {
+            BadRequest::Refused(code, message, id) => (code, message, id),
+            BadRequest::NotJson => (ErrorCode::InvalidJson, "not JSON", None),
+        })
+    }
+
+    fn from_fields(fields: Fields) -> Result<Request, BadRequest> {
+        let refused =
+            |message, id| Err(BadRequest::Refused(ErrorCode::InvalidRequest, message, id));
+        let id = match fields.id {
             None => None,
             Some(id @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(id),
-            Some(_) => {
-                return Err((
-                    ErrorCode::InvalidRequest,
-                    "`id` must be a string, a number or null",
-                    None,
-                ));
-            }
+            Some(_) => return refused("`id` must be a string, a number or null", None),
         };
-        let command = match object.remove("command") {
+        let command = match fields.command {
             Some(Value::String(command)) => command,
-            Some(_) => {
-                return Err((ErrorCode::InvalidRequest, "`command` must be a string", id));
-            }
-            None => return Err((ErrorCode::InvalidRequest, "`command` is required", id)),
+            Some(_) => return refused("`command` must be a string", id),
+            None => return refused("`command` is required", id),
         };
-        let data = match object.remove("data") {
+        let data = match fields.data {
             None | Some(Value::Null) => Data::new(),
             Some(Value::Object(data)) => data,
-            Some(_) => return Err((ErrorCode::InvalidRequest, "`data` must be an object", id)),
+            Some(_) => return refused("`data` must be an object", id),
         };
         Ok(Request { command, data, id })
     }
@@ -162,6 +215,19 @@ pub struct Reply {
     pub id: Option<Value>,
 }
 
+/// A reply borrowed from its parts, written straight into a connection's
+/// buffer without building a [`Reply`]. Same keys, same order.
+#[derive(Debug, Serialize)]
+pub struct ReplyRef<'a> {
+    pub status: Status,
+    pub message: &'a str,
+    pub data: &'a Data,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a Value>,
+}
+
 /// Keeps `"id": null` distinct from a missing `id`.
 fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(deserializer).map(Some)
@@ -197,10 +263,20 @@ impl Reply {
         self.status == Status::Success
     }
 
+    pub fn as_ref(&self) -> ReplyRef<'_> {
+        ReplyRef {
+            status: self.status,
+            message: &self.message,
+            data: &self.data,
+            code: self.code,
+            id: self.id.as_ref(),
+        }
+    }
+
     /// The reply as one line, newline included.
     pub fn to_line(&self) -> Vec<u8> {
         // Serialising plain maps and strings cannot fail.
-        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| {
+        let mut line = serde_json::to_vec(&self.as_ref()).unwrap_or_else(|_| {
             br#"{"status":"error","message":"internal error","data":{},"code":"internal"}"#.to_vec()
         });
         line.push(b'\n');

@@ -15,14 +15,17 @@ use serde::Serialize;
 
 use crate::context::Context;
 use crate::error::Result;
+use crate::listing::Listing;
 use crate::protocol::Data;
 use crate::session::Session;
 
-/// What a successful command returns: the reply's `message` and `data`.
-#[derive(Debug, Clone, PartialEq)]
+/// What a successful command returns: the reply's `message` and `data`,
+/// and for a list, its entries to stream after `data`'s other keys.
+#[derive(Debug)]
 pub struct Success {
     pub message: Cow<'static, str>,
     pub data: Data,
+    pub listing: Option<Listing>,
 }
 
 impl Success {
@@ -30,6 +33,16 @@ impl Success {
         Success {
             message: message.into(),
             data: Data::new(),
+            listing: None,
+        }
+    }
+
+    /// A list reply whose entries are streamed (see [`crate::listing`]).
+    pub fn listing(message: impl Into<Cow<'static, str>>, listing: Listing) -> Success {
+        Success {
+            message: message.into(),
+            data: Data::new(),
+            listing: Some(listing),
         }
     }
 

@@ -18,13 +18,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::connection::{Connection, Frame};
+use serde_json::Value;
+
+use crate::connection::{Connection, Incoming, SendError};
 use crate::context::Context;
 use crate::descriptors::{self, Spare, Throttle};
 use crate::error::Error;
 use crate::events::Event;
 use crate::protocol::{ErrorCode, Reply, Request};
-use crate::registry::Registry;
+use crate::registry::{Registry, Success};
 use crate::session::{Lagged, Session};
 use crate::store::SetupError;
 
@@ -426,12 +428,15 @@ async fn open(stream: TcpStream, context: &Context) -> Option<Connection> {
             }
         }
     };
-    Some(conn.with_request_timeout(config.request_timeout))
+    Some(
+        conn.with_request_timeout(config.request_timeout)
+            .with_write_timeout(Some(config.write_timeout)),
+    )
 }
 
 /// What woke a connection up.
 enum Next {
-    Frame(Frame),
+    Incoming(Incoming),
     Event(Event),
     /// The session's token was revoked or expired.
     Ended,
@@ -445,6 +450,12 @@ enum Next {
     Done,
 }
 
+/// What a request is answered with.
+enum Answer {
+    Reply(Reply),
+    Success(Success, Option<Value>),
+}
+
 /// Runs one connection until it closes, the client misbehaves beyond
 /// recovery, or the server shuts down.
 async fn run(
@@ -456,17 +467,13 @@ async fn run(
 ) {
     tracing::debug!("connected");
     let idle_timeout = context.config.idle_timeout;
-    let write_timeout = Some(context.config.write_timeout);
     let mut last_input = Instant::now();
     loop {
-        let next = match conn.buffered_frame() {
-            Some(frame) => Next::Frame(frame),
+        let next = match conn.buffered_request() {
+            Some(incoming) => Next::Incoming(incoming),
             None => {
-                if within(write_timeout, conn.flush())
-                    .await
-                    .is_none_or(|r| r.is_err())
-                {
-                    tracing::debug!("write failed or timed out");
+                if let Err(err) = conn.flush().await {
+                    tracing::debug!(error = %err, "write failed or timed out");
                     break;
                 }
                 // Only the client's own input counts against the idle timeout.
@@ -484,8 +491,8 @@ async fn run(
                         }
                     },
                     _ = ended => Next::Ended,
-                    read = within(idle_left, conn.read_frame()) => match read {
-                        Some(Ok(Some(frame))) => Next::Frame(frame),
+                    read = within(idle_left, conn.read_request()) => match read {
+                        Some(Ok(Some(incoming))) => Next::Incoming(incoming),
                         Some(Ok(None)) => Next::Done,
                         Some(Err(err)) if err.kind() == std::io::ErrorKind::TimedOut => Next::TimedOut,
                         Some(Err(err)) => {
@@ -497,11 +504,10 @@ async fn run(
                 }
             }
         };
-        let frame = match next {
-            Next::Frame(frame) => frame,
+        let incoming = match next {
+            Next::Incoming(incoming) => incoming,
             Next::Event(event) => {
-                let written = within(write_timeout, conn.write_raw(event.line.as_bytes())).await;
-                if written.is_none_or(|r| r.is_err()) {
+                if conn.write_raw(event.line.as_bytes()).await.is_err() {
                     tracing::info!("watcher does not read its events, disconnecting");
                     break;
                 }
@@ -536,8 +542,8 @@ async fn run(
             }
         };
         last_input = Instant::now();
-        let reply = match frame {
-            Frame::TooLarge => {
+        let answer = match incoming {
+            Incoming::TooLarge => {
                 tracing::info!(
                     limit = context.config.max_request_bytes,
                     "request too large, closing"
@@ -553,24 +559,31 @@ async fn run(
                 finish(&context, session).await;
                 return;
             }
-            Frame::Invalid => Reply::error(
-                ErrorCode::InvalidJson,
-                "the request is not valid JSON (or not UTF-8); skipped to the next line",
-            ),
-            Frame::Value(value) => match Request::from_value(value) {
-                Err((code, message, id)) => Reply::error(code, message).with_id(id),
-                Ok(request) => execute(&context, registry, &mut session, request).await,
-            },
+            Incoming::Bad(reply) => Answer::Reply(reply),
+            Incoming::Request(request) => execute(&context, registry, &mut session, request).await,
         };
         // A client that does not read its replies fills the socket buffer and
-        // then this write; past the timeout it is disconnected.
-        let written = within(write_timeout, conn.write_reply(&reply)).await;
-        if written.is_none_or(|r| r.is_err()) {
-            tracing::info!("the client does not read its replies, disconnecting");
-            break;
+        // then this write; past the write timeout it is disconnected.
+        let sent = match answer {
+            Answer::Reply(reply) => conn.write_reply(&reply).await.map_err(SendError::Io),
+            Answer::Success(success, id) => conn.write_success(success, id.as_ref()).await,
+        };
+        match sent {
+            Ok(()) => {}
+            Err(SendError::Io(err)) => {
+                tracing::info!(error = %err, "the client does not read its replies, disconnecting");
+                break;
+            }
+            Err(SendError::ListFailed(err)) => {
+                // The reply's line has started: it can be neither finished
+                // nor turned into an error reply.
+                context.lists.broke();
+                tracing::warn!(error = %err, "a list failed half-way through its reply, closing the connection");
+                break;
+            }
         }
     }
-    let _ = within(write_timeout, conn.flush()).await;
+    let _ = conn.flush().await;
     finish(&context, session).await;
 }
 
@@ -579,7 +592,7 @@ async fn execute(
     registry: &Registry,
     session: &mut Session,
     request: Request,
-) -> Reply {
+) -> Answer {
     let Request { command, data, id } = request;
     // A revocation or expiry noticed meanwhile applies before this command.
     session.settle().await;
@@ -598,14 +611,13 @@ async fn execute(
             )),
         ),
     };
-    let reply = match result {
-        Ok(success) => Reply::success(success.message, success.data),
+    match result {
+        Ok(success) => Answer::Success(success, id),
         Err(err) => {
             tracing::debug!(command = name, code = %err.code, "command failed");
-            err.into_reply()
+            Answer::Reply(err.into_reply().with_id(id))
         }
-    };
-    reply.with_id(id)
+    }
 }
 
 /// Leaves the live lists at once, then records when the VM was last seen.

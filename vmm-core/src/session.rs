@@ -301,15 +301,6 @@ impl Sessions {
         all
     }
 
-    /// Every live session on every instance whose lease is alive: this
-    /// instance's from memory, the others' from the database (one query).
-    pub async fn everywhere(&self) -> Result<Vec<SessionInfo>> {
-        let mut all = self.store.remote_sessions(self.instance_id()).await?;
-        all.extend(self.local());
-        all.sort_by(|a, b| a.connected_at.cmp(&b.connected_at).then(a.id.cmp(&b.id)));
-        Ok(all)
-    }
-
     /// Ends a session whose connection closed: it leaves this instance's
     /// lists at once, and its row goes with the writer's next batch (which
     /// also records its VM as seen now).
