@@ -1048,3 +1048,36 @@ pub fn at_most_one_a_second<'a>(log: &'a [Value], marker: &str) -> Vec<&'a Value
     );
     lines
 }
+
+/// Writes `vms` VMs (`fleet-000001`, ...) with `disks` disks each straight
+/// into the tables, in one transaction, as a fleet that registered long
+/// ago. Their password hash is not a valid one: they are for lists. The
+/// schema must exist (a server has started on `db`).
+pub async fn seed_fleet(db: &TestDb, vms: usize, disks: usize) {
+    let client = db.connect().await;
+    let (vms, disks) = (vms as i64, disks as i64);
+    client
+        .batch_execute(&format!(
+            "BEGIN; \
+             INSERT INTO vms (vm_id, ram, cpu, password_hash) \
+               SELECT 'fleet-' || lpad(g::text, 6, '0'), 1024, 2, '$argon2id$seeded' \
+               FROM generate_series(1, {vms}) g; \
+             INSERT INTO disks (vm_id, disk_size) \
+               SELECT 'fleet-' || lpad(g::text, 6, '0'), 10 + d \
+               FROM generate_series(1, {vms}) g, generate_series(1, {disks}) d; \
+             COMMIT; ANALYZE vms; ANALYZE disks;"
+        ))
+        .await
+        .unwrap_or_else(|err| fail(format!("cannot seed the fleet: {err}")));
+}
+
+/// A field of `/proc/PID/status`, in KiB (`VmRSS`, `VmHWM`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|err| fail(format!("cannot read the status of {pid}: {err}")));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| fail(format!("no {field} in the status of {pid}")))
+}

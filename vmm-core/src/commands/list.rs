@@ -308,7 +308,8 @@ struct SessionEntries {
 impl SessionEntries {
     async fn start(ctx: &Context, kind: ListType, page: Page<u64>) -> Result<SessionEntries> {
         let authenticated_only = kind == ListType::AuthenticatedVms;
-        let cap = page.limit.map_or(usize::MAX, |limit| limit as usize);
+        // One more than the page holds, to tell whether more follow.
+        let cap = page.limit.map_or(usize::MAX, |limit| limit as usize + 1);
         let local: Vec<SessionInfo> = ctx
             .sessions
             .local()
