@@ -47,8 +47,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
-use crate::listing::{Batch, Fill};
-use crate::protocol::{BadRequest, ErrorCode, Reply, ReplyRef, Request, Status};
+use crate::listing::{Batch, Fill, Listing};
+use crate::protocol::{BadRequest, Data, ErrorCode, Reply, ReplyRef, Request, Status};
 use crate::registry::Success;
 use syntax::{Step, Syntax};
 
@@ -454,9 +454,9 @@ impl Connection {
         }
     }
 
-    /// Makes reading fail with `TimedOut` when a request that has started
-    /// arriving is not complete within `limit`: a client that trickles bytes
-    /// (or stops halfway) cannot hold a connection.
+    /// Sets [`Connection::request_deadline`]: a request that has started
+    /// arriving must be complete within `limit`, so that a client that
+    /// trickles bytes (or stops halfway) cannot hold a connection.
     pub fn with_request_timeout(mut self, limit: Option<Duration>) -> Connection {
         self.request_timeout = limit;
         self
@@ -471,8 +471,27 @@ impl Connection {
 
     /// Returns a request that is already buffered, without reading.
     pub fn buffered_request(&mut self) -> Option<Incoming> {
-        let frame = self.decoder.decode_raw(&mut self.buffer)?;
-        Some(self.incoming(frame))
+        match self.decoder.decode_raw(&mut self.buffer) {
+            Some(frame) => {
+                self.partial_since = None;
+                Some(self.incoming(frame))
+            }
+            None => {
+                if self.decoder.in_value() {
+                    self.partial_since.get_or_insert_with(Instant::now);
+                } else {
+                    self.partial_since = None;
+                }
+                None
+            }
+        }
+    }
+
+    /// When the request now arriving must be complete (see
+    /// [`Connection::with_request_timeout`]); `None` when no request has
+    /// started arriving, or there is no limit.
+    pub fn request_deadline(&self) -> Option<Instant> {
+        Some(self.partial_since? + self.request_timeout?)
     }
 
     fn incoming(&mut self, frame: RawFrame) -> Incoming {
@@ -498,36 +517,15 @@ impl Connection {
         }
     }
 
-    /// Reads until a request is complete. `Ok(None)` is a clean end of
-    /// stream. Cancel safe: bytes read before a cancellation stay in the
-    /// buffer.
-    pub async fn read_request(&mut self) -> io::Result<Option<Incoming>> {
-        loop {
-            if let Some(frame) = self.decoder.decode_raw(&mut self.buffer) {
-                self.partial_since = None;
-                return Ok(Some(self.incoming(frame)));
-            }
-            if self.decoder.in_value() {
-                self.partial_since.get_or_insert_with(Instant::now);
-            }
-            let deadline = match (self.partial_since, self.request_timeout) {
-                (Some(started), Some(limit)) => Some(started + limit),
-                _ => None,
-            };
-            let read = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline.into(), self.read_more())
-                    .await
-                    .map_err(|_| timed_out("the request did not arrive in time"))??,
-                None => self.read_more().await?,
-            };
-            if read == 0 {
-                return Ok(None);
-            }
-        }
+    /// One read from the socket; false at the end of the stream. Nothing is
+    /// allocated until there is something to read, and a buffer left empty
+    /// is given back first. Cancel safe. The caller takes what arrived with
+    /// [`Connection::buffered_request`], and waits for the
+    /// [`Connection::request_deadline`] beside this.
+    pub async fn read_input(&mut self) -> io::Result<bool> {
+        Ok(self.read_more().await? > 0)
     }
 
-    /// One read from the socket. Nothing is allocated until there is
-    /// something to read, and a buffer left empty is given back first.
     async fn read_more(&mut self) -> io::Result<usize> {
         if self.buffer.is_empty() && self.buffer.capacity() > 0 {
             self.buffer = BytesMut::new();
@@ -562,7 +560,7 @@ impl Connection {
         success: Success,
         id: Option<&Value>,
     ) -> Result<(), SendError> {
-        let Some(mut listing) = success.listing else {
+        let Some(listing) = success.listing else {
             self.put_line(&ReplyRef {
                 status: Status::Success,
                 message: &success.message,
@@ -572,13 +570,25 @@ impl Connection {
             })?;
             return Ok(self.send_if_big().await?);
         };
+        // Boxed: a list's state would otherwise be part of every
+        // connection's task.
+        Box::pin(self.write_listing(&success.message, &success.data, listing, id)).await
+    }
+
+    async fn write_listing(
+        &mut self,
+        message: &str,
+        data: &Data,
+        mut listing: Listing,
+        id: Option<&Value>,
+    ) -> Result<(), SendError> {
         // The reply's head, as `ReplyRef` would write it, then `data`'s
         // own keys, then the list's key and its entries.
         self.out
             .extend_from_slice(br#"{"status":"success","message":"#);
-        self.put(&*success.message)?;
+        self.put(message)?;
         self.out.extend_from_slice(br#","data":{"#);
-        for (key, value) in &success.data {
+        for (key, value) in data {
             self.put(key)?;
             self.out.push(b':');
             self.put(value)?;
@@ -687,7 +697,9 @@ impl Connection {
         {
             return;
         }
-        let mut sink = [0u8; 4096];
+        // On the heap: a buffer in this future would be part of every
+        // connection's task.
+        let mut sink = vec![0u8; 4096];
         let drain = async {
             loop {
                 let read = match &mut self.reader {

@@ -102,7 +102,10 @@ pub async fn serve(
                         let stop = stop.subscribe();
                         tasks.spawn(
                             async move {
-                                match open(stream, &context).await {
+                                // Boxed: a TLS handshake's state is large, and
+                                // would otherwise be part of every connection's
+                                // task for its whole life.
+                                match Box::pin(open(stream, &context)).await {
                                     Some(conn) => run(conn, context, registry, session, stop).await,
                                     None => finish(&context, session).await,
                                 }
@@ -377,14 +380,6 @@ fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
     }
 }
 
-/// Waits up to `limit` (forever when `None`).
-async fn within<T>(limit: Option<Duration>, work: impl Future<Output = T>) -> Option<T> {
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, work).await.ok(),
-        None => Some(work.await),
-    }
-}
-
 /// Answers `server_busy`, closes, and records the refusal in the audit
 /// trail (in this short-lived task, never in the accept loop). Holds one of
 /// [`Refusals`]' slots until done.
@@ -476,10 +471,15 @@ async fn run(
                     tracing::debug!(error = %err, "write failed or timed out");
                     break;
                 }
-                // Only the client's own input counts against the idle timeout.
-                let idle_left =
-                    idle_timeout.map(|limit| limit.saturating_sub(last_input.elapsed()));
-                let ended = session.ended();
+                // One timer for every deadline, since each costs memory in
+                // every connection: the idle timeout (only the client's own
+                // input counts), the request that has started arriving, and
+                // the expiry of the session's token.
+                let idle_at = idle_timeout.map(|limit| last_input + limit);
+                let request_at = conn.request_deadline();
+                let expiry = session.expiry();
+                let wake = [idle_at, request_at, expiry].into_iter().flatten().min();
+                let revoked = session.revoked();
                 tokio::select! {
                     biased;
                     _ = stop.recv() => Next::Done,
@@ -490,17 +490,27 @@ async fn run(
                             Next::Done
                         }
                     },
-                    _ = ended => Next::Ended,
-                    read = within(idle_left, conn.read_request()) => match read {
-                        Some(Ok(Some(incoming))) => Next::Incoming(incoming),
-                        Some(Ok(None)) => Next::Done,
-                        Some(Err(err)) if err.kind() == std::io::ErrorKind::TimedOut => Next::TimedOut,
-                        Some(Err(err)) => {
+                    () = revoked => Next::Ended,
+                    read = conn.read_input() => match read {
+                        Ok(true) => continue,
+                        Ok(false) => Next::Done,
+                        Err(err) => {
                             tracing::debug!(error = %err, "read failed");
                             Next::Done
                         }
-                        None => Next::Idle,
                     },
+                    () = sleep_until(wake) => {
+                        let now = Instant::now();
+                        if expiry.is_some_and(|at| at <= now) {
+                            Next::Ended
+                        } else if request_at.is_some_and(|at| at <= now) {
+                            Next::TimedOut
+                        } else if idle_at.is_some_and(|at| at <= now) {
+                            Next::Idle
+                        } else {
+                            continue;
+                        }
+                    }
                 }
             }
         };

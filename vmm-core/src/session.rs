@@ -477,22 +477,23 @@ impl Session {
         written
     }
 
-    /// Completes when this VM session's token is revoked or expires; never
-    /// while the session is not a VM's. Borrows nothing, so it can wait
-    /// beside the connection's reads.
-    pub fn ended(&self) -> impl Future<Output = Ended> + Send + 'static {
-        let login = self
-            .vm_login()
-            .map(|login| (Arc::clone(&login.revocation), login.deadline));
+    /// Completes when this VM session's token is revoked; never while the
+    /// session is not a VM's. Borrows nothing, so it can wait beside the
+    /// connection's reads. Expiry is a deadline ([`Session::expiry`]) that
+    /// the connection waits for with its other deadlines, on one timer.
+    pub fn revoked(&self) -> impl Future<Output = ()> + Send + 'static {
+        let revocation = self.vm_login().map(|login| Arc::clone(&login.revocation));
         async move {
-            let Some((revocation, deadline)) = login else {
-                return std::future::pending().await;
-            };
-            tokio::select! {
-                () = revocation.wait() => Ended::Revoked,
-                () = tokio::time::sleep_until(deadline.into()) => Ended::Expired,
+            match revocation {
+                Some(revocation) => revocation.wait().await,
+                None => std::future::pending().await,
             }
         }
+    }
+
+    /// When this VM session's token expires.
+    pub fn expiry(&self) -> Option<Instant> {
+        self.vm_login().map(|login| login.deadline)
     }
 
     /// Ends the VM login if its token was revoked or has expired, so that
@@ -507,7 +508,8 @@ impl Session {
     pub async fn end(&mut self, why: Ended) {
         tracing::info!(vm_id = ?self.info.vm_id, reason = why.as_str(), "session ended");
         // Best effort: a lost write is rewritten by the presence loop.
-        let _ = self.logout().await;
+        // Boxed, as a rare path, to keep it out of every connection's task.
+        let _ = Box::pin(self.logout()).await;
     }
 
     /// Starts (or changes) the session's subscription to change events.
