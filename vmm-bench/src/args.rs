@@ -64,9 +64,10 @@ pub enum Workload {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
     /// The figures the project tracks: ping at 1, 16 and 64 connections and
-    /// pipelined 16x16 (with ratios to the limit); one full all_vms; 8
-    /// connections looping all_vms and all_disks with a ping beside; 1,000
-    /// registrations; 10,000 idle connections.
+    /// pipelined 16x16 (with ratios to the limit); 1,000 registrations;
+    /// 10,000 idle connections; then with --seed VMs (100,000 by default)
+    /// one full all_vms, and 8 connections looping all_vms and all_disks
+    /// with a ping beside.
     Issue8,
     /// issue8, then authenticate, update, active_vms and authenticated_vms.
     All,

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use crate::error::{BenchError, Result};
 
@@ -15,22 +15,32 @@ use crate::error::{BenchError, Result};
 pub const PONG: &[u8] = b"{\"status\":\"success\",\"message\":\"PONG\",\"data\":{}}\n";
 
 /// A running canned server; stops (with all its connections) when dropped.
+///
+/// It runs on a runtime of its own, with as many worker threads as a
+/// server's default runtime has: a server's wake-ups cross threads, and so
+/// must the limit's, or it would gain from sharing the client's threads.
 pub struct Canned {
     pub addr: SocketAddr,
-    task: JoinHandle<()>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Canned {
     /// Listens on 127.0.0.1 at a port of its own, in this process.
     pub async fn start() -> Result<Canned> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|err| BenchError::new(format!("cannot start the limit server: {err}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|err| BenchError::new(format!("cannot start the limit server: {err}")))?;
-        let task = tokio::spawn(async move {
-            // Dropped with the accept loop, which aborts every connection.
+        let cannot =
+            |err: std::io::Error| BenchError::new(format!("cannot start the limit server: {err}"));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(cannot)?;
+        listener.set_nonblocking(true).map_err(cannot)?;
+        let addr = listener.local_addr().map_err(cannot)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("vmm-bench-limit")
+            .enable_io()
+            .build()
+            .map_err(cannot)?;
+        runtime.spawn(async move {
+            let Ok(listener) = TcpListener::from_std(listener) else {
+                return;
+            };
             let mut connections = JoinSet::new();
             loop {
                 tokio::select! {
@@ -46,13 +56,19 @@ impl Canned {
                 }
             }
         });
-        Ok(Canned { addr, task })
+        Ok(Canned {
+            addr,
+            runtime: Some(runtime),
+        })
     }
 }
 
 impl Drop for Canned {
     fn drop(&mut self) {
-        self.task.abort();
+        // Neither waits nor panics inside the caller's runtime.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

@@ -145,7 +145,7 @@ impl Report {
                 row.pipeline.to_string(),
                 row.requests.to_string(),
                 row.errors.to_string(),
-                format!("{:.0}", row.rate),
+                rate(row.rate),
                 row.ratio_to_limit
                     .map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0)),
                 duration(row.p50_ms),
@@ -211,6 +211,16 @@ fn duration(ms: Option<f64>) -> String {
         Some(ms) if ms < 1.0 => format!("{:.0} µs", ms * 1e3),
         Some(ms) if ms < 1_000.0 => format!("{ms:.2} ms"),
         Some(ms) => format!("{:.2} s", ms / 1e3),
+    }
+}
+
+fn rate(per_second: f64) -> String {
+    if per_second < 10.0 {
+        format!("{per_second:.2}")
+    } else if per_second < 100.0 {
+        format!("{per_second:.1}")
+    } else {
+        format!("{per_second:.0}")
     }
 }
 

@@ -67,10 +67,24 @@ pub async fn direct(url: &str, wanted: usize, disks: u8, timeout: Duration) -> R
         .filter_map(|row| row.get::<_, &str>(0).strip_prefix(PREFIX)?.parse().ok())
         .collect();
     let missing: Vec<usize> = (0..wanted).filter(|n| !present.contains(n)).collect();
+    let mut quick_seed = false;
     if !missing.is_empty() {
         let hash = bench_hash().await?;
         let sizes = disk_sizes(disks);
         let tx = client.transaction().await.map_err(cannot)?;
+        // Per-row triggers (a watch event for each VM, the foreign key and
+        // disk-count checks) make up most of the cost of 100,000 rows;
+        // what is written here satisfies those checks by construction.
+        // Only a superuser may skip them: anyone else seeds with them.
+        let quick = tx
+            .batch_execute("SAVEPOINT quick; SET LOCAL session_replication_role = replica")
+            .await
+            .is_ok();
+        if !quick {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT quick")
+                .await
+                .map_err(cannot)?;
+        }
         copy(
             &tx,
             "COPY vms (vm_id, ram, cpu, password_hash) FROM STDIN",
@@ -92,6 +106,7 @@ pub async fn direct(url: &str, wanted: usize, disks: u8, timeout: Duration) -> R
         .await
         .map_err(cannot)?;
         tx.commit().await.map_err(cannot)?;
+        quick_seed = quick;
     }
     drop(client);
     let _ = tokio::time::timeout(timeout, connection).await;
@@ -99,7 +114,11 @@ pub async fn direct(url: &str, wanted: usize, disks: u8, timeout: Duration) -> R
         wanted,
         existing: wanted - missing.len(),
         added: missing.len(),
-        how: "COPY",
+        how: if quick_seed {
+            "COPY, triggers off"
+        } else {
+            "COPY"
+        },
         secs: started.elapsed().as_secs_f64(),
     })
 }
