@@ -97,6 +97,26 @@ impl Bench {
         Duration::from_secs_f64(self.options.secs.unwrap_or(5.0))
     }
 
+    /// One ping, so that a server that is not there is said so at once,
+    /// not after the limit server's part of a run.
+    pub async fn probe(&self) -> Result<()> {
+        let stream = self.dialer(net::PER_ADDRESS).connect(0).await?;
+        let mut conn = conn::Conn::new(stream, self.timeout);
+        let reply = conn
+            .call(&serde_json::json!({"command": "ping"}))
+            .await
+            .map_err(|err| {
+                BenchError::new(format!("{} does not answer ping: {err}", self.target))
+            })?;
+        if reply["status"] != "success" {
+            return Err(BenchError::new(format!(
+                "{} answers ping with {reply}: is it a vmm server?",
+                self.target
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs the steps in order; a step that fails is recorded and the next
     /// one runs.
     pub async fn run_steps(&mut self, steps: Vec<Step>) {
@@ -132,6 +152,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
         (Some(_), None) => None,
     };
     let mut bench = Bench::new(cli.options).await?;
+    bench.probe().await?;
     let steps = match (scenario, &cli.workload) {
         (Some(name), _) => steps::scenario(name, &bench.options),
         (None, Some(workload)) => steps::single(workload, &bench.options),

@@ -243,8 +243,8 @@ pub async fn open_all(
         let result = done.map_err(|err| BenchError::new(format!("a set-up task failed: {err}")));
         match result.and_then(|r| r) {
             Ok(conn) => opened.push(conn),
+            Err(err) if opened.is_empty() => return Err(err),
             Err(err) => {
-                tasks.abort_all();
                 return Err(BenchError::new(format!(
                     "opened {} of {count} connections, then: {err}",
                     opened.len()

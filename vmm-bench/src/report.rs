@@ -157,6 +157,9 @@ impl Report {
                 kib(rss.after_kib),
             ]);
         }
+        if self.rows.is_empty() {
+            lines.clear();
+        }
         let widths: Vec<usize> = (0..header.len())
             .map(|c| {
                 lines

@@ -13,10 +13,16 @@ use serde::Serialize;
 /// the descriptors in /proc/*/fd. `None` where /proc says nothing (another
 /// machine, a container, another user's process).
 pub fn pid_listening_on(addr: SocketAddr) -> Option<u32> {
-    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+    let tables: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|path| std::fs::read_to_string(path).ok())
-        .find_map(|table| listening_inode(&table, addr))?;
+        .collect();
+    // A listener on every address serves the target only if the target
+    // is an address of this machine.
+    let local = addr.ip().is_loopback() || tables.iter().any(|t| has_local_address(t, addr.ip()));
+    let inode = tables
+        .iter()
+        .find_map(|table| listening_inode(table, addr, local))?;
     let wanted = format!("socket:[{inode}]");
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
@@ -38,8 +44,20 @@ pub fn pid_listening_on(addr: SocketAddr) -> Option<u32> {
     None
 }
 
-/// The inode of the LISTEN socket on `addr` in one /proc/net/tcp table.
-fn listening_inode(table: &str, addr: SocketAddr) -> Option<u64> {
+/// Whether some socket in a /proc/net/tcp table is bound to `ip`.
+fn has_local_address(table: &str, ip: IpAddr) -> bool {
+    table.lines().skip(1).any(|line| {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|local| parse_ip(local.split_once(':')?.0))
+            == Some(ip)
+    })
+}
+
+/// The inode of the LISTEN socket on `addr` in one /proc/net/tcp table;
+/// a listener on every address counts when `local` (the target is an
+/// address of this machine).
+fn listening_inode(table: &str, addr: SocketAddr, on_this_machine: bool) -> Option<u64> {
     const LISTEN: &str = "0A";
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -52,10 +70,7 @@ fn listening_inode(table: &str, addr: SocketAddr) -> Option<u64> {
             return None;
         }
         let ip = parse_ip(ip)?;
-        let serves = ip == addr.ip()
-            || ip.is_unspecified()
-            || addr.ip().is_unspecified()
-            || ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        let serves = ip == addr.ip() || (on_this_machine && ip.is_unspecified());
         let inode: u64 = inode.parse().ok()?;
         (serves && inode != 0).then_some(inode)
     })
@@ -196,13 +211,16 @@ mod tests {
            0: 0100007F:22B8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0\n\
            1: 0100007F:22B8 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0 100 0 0 10 0\n";
         let addr: SocketAddr = "127.0.0.1:8888".parse().unwrap();
-        assert_eq!(listening_inode(table, addr), Some(4242));
-        assert_eq!(
-            listening_inode(table, "127.0.0.1:8889".parse().unwrap()),
-            None
-        );
+        assert_eq!(listening_inode(table, addr, true), Some(4242));
+        let other_port = "127.0.0.1:8889".parse().unwrap();
+        assert_eq!(listening_inode(table, other_port, true), None);
         let any = "  sl  local_address rem_address   st\n   0: 00000000:22B8 00000000:0000 0A 0 0 0 0 0 77\n";
-        assert_eq!(listening_inode(any, addr), Some(77));
+        assert_eq!(listening_inode(any, addr, true), Some(77));
+        // Not an address of this machine: a local listener is not it.
+        let remote: SocketAddr = "192.0.2.7:8888".parse().unwrap();
+        assert_eq!(listening_inode(any, remote, false), None);
+        assert!(has_local_address(table, IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert!(!has_local_address(table, remote.ip()));
         assert_eq!(
             parse_ip("0000000000000000FFFF00000100007F"),
             Some(IpAddr::V4(Ipv4Addr::LOCALHOST))

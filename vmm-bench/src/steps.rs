@@ -27,6 +27,10 @@ const OBSERVER: &str = "bench-observer";
 /// about a hundred a second) takes too long to be what anyone wants.
 const PROTOCOL_SEED_MAX: usize = 5_000;
 
+/// Seeding through --direct-db may take this many --timeout periods
+/// (a million VMs take about 25 s).
+const SEED_PATIENCE: u32 = 20;
+
 /// Connections that seed through `register`.
 const SEED_CONNS: usize = 8;
 
@@ -321,9 +325,17 @@ impl Bench {
             .enumerate()
             .map(|(c, conn)| (conn, (load.requests)(c)))
             .collect();
+        // Neither a length nor a count would never end: 5 s then.
+        let secs = match load.until {
+            Until {
+                secs: None,
+                count: None,
+            } => Some(Duration::from_secs(5)),
+            Until { secs, .. } => secs,
+        };
         let plan = Plan {
             pipeline: load.pipeline,
-            deadline: load.until.secs.map(|secs| Instant::now() + secs),
+            deadline: secs.map(|secs| Instant::now() + secs),
             budget: load.until.count.map(|n| Arc::new(AtomicU64::new(n))),
             stop: None,
             count_items: load.count_items,
@@ -362,7 +374,17 @@ impl Bench {
         }
         let disks = self.options.disks_per_vm;
         let seeded = match &self.options.direct_db {
-            Some(url) => seed::direct(url, n, disks, self.timeout).await?,
+            Some(url) => {
+                let seeding = seed::direct(url, n, disks, self.timeout);
+                tokio::time::timeout(self.timeout * SEED_PATIENCE, seeding)
+                    .await
+                    .map_err(|_| {
+                        BenchError::new(format!(
+                            "seeding through --direct-db took more than {:?}",
+                            self.timeout * SEED_PATIENCE
+                        ))
+                    })??
+            }
             None if n > PROTOCOL_SEED_MAX => {
                 return Err(BenchError::new(format!(
                     "seeding {n} VMs through `register` costs one argon2 hash each on the server \
@@ -403,6 +425,8 @@ impl Bench {
         };
         let mut limit = None;
         if !self.options.no_limit {
+            // The limit server's ends of the connections are in this process too.
+            net::check_nofile(2 * conns)?;
             let canned = Canned::start().await?;
             let dialer = Dialer::new(canned.addr, PER_ADDRESS, self.timeout);
             let m = self.measure(&dialer, &load, None).await?;
@@ -419,6 +443,15 @@ impl Bench {
         let mut server_row = row("ping", "server", pipeline, &tallies, m.elapsed);
         server_row.ratio_to_limit = limit.map(|limit| server_row.rate / limit);
         server_row.rss = Some(m.rss);
+        if let Some(ratio) = server_row.ratio_to_limit {
+            self.report.notes.push(format!(
+                "ping {conns} conns x {pipeline}: {:.0}/s, {:.1}% of the limit's {:.0}/s \
+                 (target ≥ 95%)",
+                server_row.rate,
+                ratio * 100.0,
+                server_row.rate / ratio
+            ));
+        }
         self.report.rows.push(server_row);
         Ok(())
     }
@@ -632,6 +665,18 @@ impl Bench {
             }
             let mut r = row(kind.as_str(), "server", 1, &tallies, m.elapsed);
             r.rss = Some(m.rss);
+            if let (Some(items), Some(bytes), Some(p50)) =
+                (r.items_per_reply, r.bytes_per_reply, r.p50_ms)
+            {
+                self.report.notes.push(format!(
+                    "{}: {items} entries, {:.1} MiB a reply, {:.1} ms to the last byte (p50) \
+                     on {} of {conns} conns",
+                    kind.as_str(),
+                    bytes / 1024.0 / 1024.0,
+                    p50,
+                    r.conns
+                ));
+            }
             self.report.rows.push(r);
         }
         if let Some(beside) = &m.beside {
