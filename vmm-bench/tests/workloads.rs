@@ -190,8 +190,7 @@ async fn a_server_that_is_not_there_is_named_as_such() {
     let err = tokio::time::timeout(Duration::from_secs(30), vmm_bench::run(cli))
         .await
         .expect("no hang")
-        .err()
-        .expect("nothing to measure");
+        .expect_err("nothing to measure");
     assert!(
         err.0.contains(&format!("cannot connect to {addr}"))
             && err.0.contains("is vmm-server running?"),
