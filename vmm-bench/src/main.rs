@@ -1,0 +1,29 @@
+//! `vmm-bench`: parses the command line and runs the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = vmm_bench::Cli::parse();
+    let json = cli.options.json;
+    match vmm_bench::run(cli).await {
+        Ok(report) => {
+            if json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.table());
+            }
+            if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("vmm-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
