@@ -268,7 +268,10 @@ impl Conn {
         self.exchange(&Op::Operator { admin_token }, false).await
     }
 
-    async fn exchange(&mut self, op: &Op, show: bool) -> Result<Reply, Failure> {
+    /// Sends `op` and returns its reply line and the reply, success or
+    /// error, printing nothing but the events that came meanwhile: for a
+    /// caller that prints the reply its own way (a list a page at a time).
+    pub async fn fetch(&mut self, op: &Op) -> Result<(String, Reply), Failure> {
         self.last_sent = Instant::now();
         let sent = self.client.send_raw(&op.to_text()).await;
         self.show_events();
@@ -277,6 +280,16 @@ impl Conn {
             Err(err) => return Err(self.lost(err)),
         };
         let reply = self.parse(&line)?;
+        Ok((line, reply))
+    }
+
+    /// The failure a reply that made no sense stands for.
+    pub fn nonsense(&self, what: impl std::fmt::Display) -> Failure {
+        Failure::Connection(format!("unexpected reply from {}: {what}", self.addr))
+    }
+
+    async fn exchange(&mut self, op: &Op, show: bool) -> Result<Reply, Failure> {
+        let (line, reply) = self.fetch(op).await?;
         if self.json {
             out::line(&line);
         }
@@ -284,9 +297,7 @@ impl Conn {
             return Err(Failure::from_reply(&reply));
         }
         if show && !self.json {
-            let text = render::reply(op, &reply).map_err(|what| {
-                Failure::Connection(format!("unexpected reply from {}: {what}", self.addr))
-            })?;
+            let text = render::reply(op, &reply).map_err(|what| self.nonsense(what))?;
             out::line(&text);
         }
         Ok(reply)

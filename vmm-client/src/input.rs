@@ -8,10 +8,13 @@
 //!
 //! On a terminal the line editor also provides a printer for what arrives
 //! while a line is being edited (change events after `watch`): it prints
-//! above the prompt and redraws the prompt and the half-typed line.
+//! above the prompt and redraws the prompt and the half-typed line; and the
+//! terminal's height, which sizes the shell's pages of a long list.
 
 use std::io::{self, BufRead, IsTerminal};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc;
 use std::thread;
 
@@ -50,6 +53,10 @@ pub struct Input {
     thread: Option<thread::JoinHandle<()>>,
     interactive: bool,
     printer: Option<Printer>,
+    /// The terminal's height in lines as the input thread last saw it;
+    /// 0 when unknown (not a terminal). Kept here because the line editor,
+    /// which can tell, lives on the input thread.
+    rows: Arc<AtomicU16>,
 }
 
 impl std::fmt::Debug for Input {
@@ -67,12 +74,19 @@ impl Input {
         let interactive = io::stdin().is_terminal();
         let (asks, receiver) = mpsc::channel::<(Ask, Reply)>();
         let (printer_sender, printer) = mpsc::channel::<Option<Printer>>();
+        let rows = Arc::new(AtomicU16::new(0));
+        let seen = Arc::clone(&rows);
         let thread = thread::spawn(move || {
             let mut source = Source::new(interactive);
+            seen.store(source.rows(), Ordering::Relaxed);
             let _ = printer_sender.send(source.printer());
             while let Ok((ask, reply)) = receiver.recv() {
+                let read = source.read(ask);
+                // Measured after each line, so that the command just typed
+                // sees the terminal as it is now (it may have been resized).
+                seen.store(source.rows(), Ordering::Relaxed);
                 // The shell may have stopped waiting; nothing to do then.
-                let _ = reply.send(source.read(ask));
+                let _ = reply.send(read);
             }
             source.finish();
         });
@@ -83,7 +97,14 @@ impl Input {
             thread: Some(thread),
             interactive,
             printer,
+            rows,
         }
+    }
+
+    /// The terminal's height in lines, when stdin and stdout are a
+    /// terminal whose size is known.
+    pub fn rows(&self) -> Option<u16> {
+        Some(self.rows.load(Ordering::Relaxed)).filter(|&rows| rows > 0)
     }
 
     /// The line editor's printer, when stdin and stdout are a terminal (once).
@@ -156,6 +177,17 @@ impl Source {
                 .ok()
                 .map(|printer| Box::new(printer) as Printer),
             _ => None,
+        }
+    }
+
+    /// The terminal's height, 0 when unknown. A terminal that reports no
+    /// size (a fresh pseudo-terminal) reads as `u16::MAX`: unknown too.
+    fn rows(&mut self) -> u16 {
+        match self {
+            Source::Terminal(Some(editor), _) => editor
+                .dimensions()
+                .map_or(0, |(_, rows)| if rows == u16::MAX { 0 } else { rows }),
+            _ => 0,
         }
     }
 

@@ -15,8 +15,8 @@
 //!
 //! The modules, from the top down; each uses only modules named after it:
 //! `main` parses the arguments and dispatches; `agent` is the agent, `shell`
-//! the interactive shell and `watch` the one-shot `watch`; `conn` runs
-//! requests over one connection; `input` is the shell's blocking input
+//! the interactive shell and `watch` the one-shot `watch`; `pages` lists a
+//! page at a time; `conn` runs requests over one connection; `input` is the shell's blocking input
 //! thread; `events` prints change events and `render` draws replies as
 //! tables; `password` finds a one-shot command's password and `secrets` the
 //! operator token and the enrollment secret. At the bottom, depending on
@@ -33,6 +33,7 @@ mod failure;
 mod input;
 mod op;
 mod out;
+mod pages;
 mod password;
 mod render;
 mod secrets;
@@ -87,6 +88,8 @@ Examples:
   vmm-client ping
   vmm-client register --vm-id stalin --ram 512 --cpu 4 --disk 100 --disk 200
   VMM_PASSWORD=securePass123 vmm-client list all --vm-id stalin
+  VMM_PASSWORD=securePass123 vmm-client list all --vm-id stalin --limit 100
+  VMM_PASSWORD=securePass123 vmm-client --json list disks --vm-id stalin --all-pages
   vmm-client update --vm-id stalin --ram 2048 --cpu 8 --disk 1=150 --new-disk 50
   echo securePass123 | vmm-client --json logout --vm-id stalin --password-stdin
   vmm-client send '{\"command\": \"ping\", \"id\": 1}'
@@ -268,6 +271,7 @@ enum ClientCommand {
     },
 
     /// List open connections, authenticated connections, all VMs or all disks.
+    #[command(long_about = LIST_ABOUT)]
     List {
         /// What to list.
         #[arg(value_enum)]
@@ -275,6 +279,9 @@ enum ClientCommand {
 
         #[command(flatten)]
         login: Login,
+
+        #[command(flatten)]
+        paging: Paging,
     },
 
     /// Change the VM's RAM, CPUs and disks (at least one change is needed).
@@ -347,6 +354,36 @@ enum ClientCommand {
 
     /// Show the commands the server understands.
     Help,
+}
+
+const LIST_ABOUT: &str = "\
+List open connections, authenticated connections, all VMs or all disks.
+
+Entries come in key order: vm_id for VMs, id for disks, session_id for
+connections. Without paging flags the whole list comes in one reply.
+--limit N prints one page of at most N entries and, when more follow,
+`more: --after CURSOR` on stderr: pass that to get the next page. With
+--all-pages every page is fetched (--limit entries each, 1000 by default)
+and printed as it arrives: a table per page and one row count at the end;
+with --json one line shaped like an unpaged reply, every entry in its list
+(its `message` comes last).";
+
+/// `list`'s paging flags.
+#[derive(Debug, Args)]
+struct Paging {
+    /// At most N entries (1 to 10,000): one page; with --all-pages, the
+    /// size of each page (1000 if not given).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    limit: Option<u32>,
+
+    /// Start after CURSOR, the one the page before printed as `more:
+    /// --after CURSOR`.
+    #[arg(long, value_name = "CURSOR")]
+    after: Option<String>,
+
+    /// Fetch every page and print them all.
+    #[arg(long)]
+    all_pages: bool,
 }
 
 const WATCH_ABOUT: &str = "\
@@ -490,11 +527,23 @@ async fn one_shot(
             let op = Op::Authenticate { vm_id, password };
             simple(addr, json, op).await
         }
-        ClientCommand::List { kind, login } => {
-            if admin {
-                return as_operator(addr, json, Op::List(kind.into())).await;
+        ClientCommand::List {
+            kind,
+            login,
+            paging,
+        } => {
+            let mut conn = if admin {
+                operator(addr, json).await?
+            } else {
+                logged_in(addr, json, login).await?
+            };
+            let kind = kind.into();
+            if paging.all_pages {
+                let size = paging.limit.unwrap_or(pages::DEFAULT_PAGE);
+                pages::all(&mut conn, json, kind, size, paging.after).await
+            } else {
+                pages::one(&mut conn, kind, paging.limit, paging.after).await
             }
-            authenticated(addr, json, login, Op::List(kind.into())).await
         }
         ClientCommand::Audit { vm_id, limit } => {
             if !admin {
@@ -565,20 +614,33 @@ async fn simple(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
 
 /// Connects, authenticates as `login`, then runs `op` on the same connection.
 async fn authenticated(addr: &str, json: bool, login: Login, op: Op) -> Result<(), Failure> {
-    let vm_id = login.vm()?;
-    let password = password::obtain_async(login.password_stdin, &vm_id).await?;
-    let mut conn = Conn::connect(addr, json).await?;
-    conn.login(&vm_id, password).await?;
+    let mut conn = logged_in(addr, json, login).await?;
     conn.run(&op).await.map(drop)
 }
 
 /// Connects, opens an operator session with $VMM_ADMIN_TOKEN, then runs
 /// `op` on the same connection.
 async fn as_operator(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
+    let mut conn = operator(addr, json).await?;
+    conn.run(&op).await.map(drop)
+}
+
+/// A connection authenticated as `login` (the password is found before
+/// connecting, so that a missing one costs no connection).
+async fn logged_in(addr: &str, json: bool, login: Login) -> Result<Conn, Failure> {
+    let vm_id = login.vm()?;
+    let password = password::obtain_async(login.password_stdin, &vm_id).await?;
+    let mut conn = Conn::connect(addr, json).await?;
+    conn.login(&vm_id, password).await?;
+    Ok(conn)
+}
+
+/// A connection with an operator session, opened with $VMM_ADMIN_TOKEN.
+async fn operator(addr: &str, json: bool) -> Result<Conn, Failure> {
     let admin_token = secrets::admin_token()?;
     let mut conn = Conn::connect(addr, json).await?;
     conn.operator(admin_token).await?;
-    conn.run(&op).await.map(drop)
+    Ok(conn)
 }
 
 #[cfg(test)]
@@ -614,6 +676,21 @@ mod tests {
         assert!(parse(&["--ping-interval", "0.2", "--backoff-max", "1.5"]));
         assert!(!parse(&["--ping-interval", "soon"]));
         assert!(!parse(&["--password", "secret"]));
+    }
+
+    #[test]
+    fn list_pages_are_between_one_and_ten_thousand() {
+        let parse = |args: &[&str]| {
+            let argv = ["vmm-client", "list", "all"];
+            Cli::try_parse_from(argv.iter().chain(args)).is_ok()
+        };
+        assert!(parse(&["--limit", "1"]));
+        assert!(parse(&["--limit", "10000", "--after", "YWxsX3Ztczpi"]));
+        assert!(parse(&["--all-pages"]));
+        assert!(parse(&["--all-pages", "--limit", "2"]));
+        assert!(!parse(&["--limit", "0"]));
+        assert!(!parse(&["--limit", "10001"]));
+        assert!(!parse(&["--limit", "-1"]));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! modules that build one can all use it without depending on each other.
 
 use serde_json::{Value, json};
-use vmm_core::client::{Registration, Update};
+use vmm_core::client::{Registration, Update, list_data};
 use vmm_core::protocol::ListType;
 use vmm_core::{Data, Request};
 
@@ -17,7 +17,13 @@ pub enum Op {
         vm_id: String,
         password: String,
     },
-    List(ListType),
+    /// `list`: the whole list, or with `limit` one page (after the cursor
+    /// `after`, the `next` of the page before).
+    List {
+        kind: ListType,
+        limit: Option<u32>,
+        after: Option<String>,
+    },
     Update(Update),
     Logout,
     /// `watch` with these topics; none: every topic.
@@ -45,7 +51,7 @@ impl Op {
             Op::Ping => "ping",
             Op::Register(_) => "register",
             Op::Authenticate { .. } => "authenticate",
-            Op::List(_) => "list",
+            Op::List { .. } => "list",
             Op::Update(_) => "update",
             Op::Logout => "logout",
             Op::Watch(_) => "watch",
@@ -66,7 +72,7 @@ impl Op {
             Op::Authenticate { vm_id, password } => {
                 json!({"vm_id": vm_id, "password": password})
             }
-            Op::List(kind) => json!({"list_type": kind.as_str()}),
+            Op::List { kind, limit, after } => list_data(*kind, *limit, after.as_deref()),
             Op::Update(update) => update.to_data(),
             Op::Operator { admin_token } => json!({"admin_token": admin_token}),
             Op::Revoke { vm_id } => json!({"vm_id": vm_id}),
@@ -105,10 +111,24 @@ mod tests {
 
     #[test]
     fn requests_have_no_id() {
-        let text = Op::List(ListType::AllDisks).to_text();
+        let text = Op::List {
+            kind: ListType::AllDisks,
+            limit: None,
+            after: None,
+        }
+        .to_text();
         assert_eq!(
             text,
             r#"{"command":"list","data":{"list_type":"all_disks"}}"#
+        );
+        let page = Op::List {
+            kind: ListType::AllVms,
+            limit: Some(2),
+            after: Some("YWxsX3Ztczpi".into()),
+        };
+        assert_eq!(
+            page.to_text(),
+            r#"{"command":"list","data":{"list_type":"all_vms","limit":2,"after":"YWxsX3Ztczpi"}}"#
         );
         assert_eq!(Op::Ping.to_text(), r#"{"command":"ping","data":{}}"#);
     }

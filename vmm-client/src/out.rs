@@ -17,8 +17,18 @@ pub type Printer = Box<dyn ExternalPrinter + Send>;
 /// Prints `text` and a newline. A reader that went away (broken pipe) ends
 /// the program quietly with 0; any other write error ends it with 2.
 pub fn line(text: impl Display) {
+    write(format_args!("{text}\n"));
+}
+
+/// Prints `text` as it is, without a newline: a part of a line written a
+/// piece at a time (a list streamed page by page). Like [`line`] otherwise.
+pub fn part(text: &str) {
+    write(format_args!("{text}"));
+}
+
+fn write(text: std::fmt::Arguments<'_>) {
     let mut stdout = io::stdout().lock();
-    let written = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
+    let written = stdout.write_fmt(text).and_then(|()| stdout.flush());
     match written {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => process::exit(0),

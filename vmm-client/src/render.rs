@@ -25,16 +25,29 @@ pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
         Op::Help => Ok(help_table(&field::<Vec<CommandHelp>>(reply, "commands")?)),
         Op::Operator { .. } | Op::Revoke { .. } => Ok(reply.message.clone()),
         Op::Audit { .. } => Ok(audit_table(field(reply, "events")?)),
-        Op::List(kind) => {
-            let key = kind.as_str();
-            Ok(match kind {
-                ListType::ActiveVms => active_table(field(reply, key)?),
-                ListType::AuthenticatedVms => authenticated_table(field(reply, key)?),
-                ListType::AllVms => all_table(field(reply, key)?),
-                ListType::AllDisks => disks_table(field(reply, key)?),
-            })
+        Op::List { kind, .. } => {
+            let entries = reply.data.get(kind.as_str()).cloned();
+            Ok(with_count(&list_table(
+                *kind,
+                entries.unwrap_or(Value::Null),
+            )?))
         }
     }
+}
+
+/// The table of `entries`, a page (or the whole) of a list of `kind`,
+/// without a row count: a list printed a page at a time counts its rows
+/// once, at the end.
+pub fn list_table(kind: ListType, entries: Value) -> Result<Table, String> {
+    fn decode<T: DeserializeOwned>(kind: ListType, entries: Value) -> Result<T, String> {
+        serde_json::from_value(entries).map_err(|err| format!("`data.{}`: {err}", kind.as_str()))
+    }
+    Ok(match kind {
+        ListType::ActiveVms => active_table(decode(kind, entries)?),
+        ListType::AuthenticatedVms => authenticated_table(decode(kind, entries)?),
+        ListType::AllVms => all_table(decode(kind, entries)?),
+        ListType::AllDisks => disks_table(decode(kind, entries)?),
+    })
 }
 
 fn audit_table(events: Vec<vmm_core::store::AuditEvent>) -> String {
@@ -83,9 +96,13 @@ fn table(header: &[&str], right: &[usize]) -> Table {
 
 /// A list table followed by its row count, psql style.
 fn with_count(table: &Table) -> String {
-    let rows = table.row_count();
+    format!("{table}\n{}", row_count(table.row_count()))
+}
+
+/// `(1 row)`, `(2 rows)`: what ends a list.
+pub fn row_count(rows: usize) -> String {
     let noun = if rows == 1 { "row" } else { "rows" };
-    format!("{table}\n({rows} {noun})")
+    format!("({rows} {noun})")
 }
 
 /// Seconds are enough on screen; `--json` keeps the microseconds.
@@ -133,7 +150,7 @@ pub fn vm_table(vm: &VmView) -> Table {
     table
 }
 
-fn active_table(sessions: Vec<ActiveSession>) -> String {
+fn active_table(sessions: Vec<ActiveSession>) -> Table {
     let mut table = table(
         &["session", "peer", "vm_id", "authenticated", "connected_at"],
         &[0],
@@ -147,10 +164,10 @@ fn active_table(sessions: Vec<ActiveSession>) -> String {
             time(&session.connected_at),
         ]);
     }
-    with_count(&table)
+    table
 }
 
-fn authenticated_table(sessions: Vec<AuthenticatedSession>) -> String {
+fn authenticated_table(sessions: Vec<AuthenticatedSession>) -> Table {
     let mut table = table(
         &[
             "session",
@@ -174,10 +191,10 @@ fn authenticated_table(sessions: Vec<AuthenticatedSession>) -> String {
             time(&session.authenticated_at),
         ]);
     }
-    with_count(&table)
+    table
 }
 
-fn all_table(vms: Vec<VmStatus>) -> String {
+fn all_table(vms: Vec<VmStatus>) -> Table {
     let mut table = table(
         &[
             "vm_id",
@@ -201,10 +218,10 @@ fn all_table(vms: Vec<VmStatus>) -> String {
             maybe_time(vm.last_seen_at.as_ref()),
         ]);
     }
-    with_count(&table)
+    table
 }
 
-fn disks_table(disks: Vec<DiskEntry>) -> String {
+fn disks_table(disks: Vec<DiskEntry>) -> Table {
     let mut table = table(&["id", "size (GiB)", "vm_id"], &[0, 1]);
     for disk in disks {
         table.add_row(vec![
@@ -213,7 +230,7 @@ fn disks_table(disks: Vec<DiskEntry>) -> String {
             disk.vm_id,
         ]);
     }
-    with_count(&table)
+    table
 }
 
 pub fn help_table(commands: &[CommandHelp]) -> String {
@@ -234,6 +251,14 @@ mod tests {
             panic!("data must be an object");
         };
         Reply::success("ok", data)
+    }
+
+    fn list(kind: ListType) -> Op {
+        Op::List {
+            kind,
+            limit: None,
+            after: None,
+        }
     }
 
     #[test]
@@ -259,17 +284,17 @@ mod tests {
             {"id": 1, "disk_size": 100, "vm_id": "a"},
             {"id": 2, "disk_size": 200, "vm_id": "b"}
         ]}));
-        let text = super::reply(&Op::List(ListType::AllDisks), &r).unwrap();
+        let text = super::reply(&list(ListType::AllDisks), &r).unwrap();
         assert!(text.ends_with("\n(2 rows)"), "{text}");
         let empty = reply(json!({"active_vms": []}));
-        let text = super::reply(&Op::List(ListType::ActiveVms), &empty).unwrap();
+        let text = super::reply(&list(ListType::ActiveVms), &empty).unwrap();
         assert!(text.ends_with("\n(0 rows)"), "{text}");
     }
 
     #[test]
     fn a_malformed_reply_is_an_error_not_a_panic() {
         let r = reply(json!({"all_vms": [{"vm_id": 5}]}));
-        assert!(super::reply(&Op::List(ListType::AllVms), &r).is_err());
+        assert!(super::reply(&list(ListType::AllVms), &r).is_err());
         assert!(super::reply(&Op::Help, &reply(json!({}))).is_err());
     }
 }

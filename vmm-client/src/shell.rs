@@ -14,9 +14,16 @@
 //! shell waits for input (on a terminal, above the prompt, which is then
 //! redrawn), and those that arrive while a command waits for its reply are
 //! printed before what the reply prints. `unwatch` (or `logout`) stops them.
+//!
+//! Lists come a page at a time, so that a long one neither scrolls away nor
+//! arrives in one huge reply: on a terminal a page fills the screen and the
+//! shell asks before the next one ([`MORE`], read through the line editor
+//! like any answer, so keepalive pings and events go on meanwhile).
+//! Otherwise (stdin or stdout not a terminal) pages of [`UNKNOWN_HEIGHT`]
+//! follow each other without a question.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IsTerminal};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -29,7 +36,7 @@ use crate::conn::{Conn, sleep_until};
 use crate::failure::Failure;
 use crate::input::{Input, Read};
 use crate::op::Op;
-use crate::{out, secrets};
+use crate::{out, pages, secrets};
 
 const HELP: &str = "\
 Shell commands (arguments left out are asked for; passwords are always asked
@@ -37,10 +44,15 @@ for, without echo on a terminal, and read as the next line when piped):
   ping                                  check that the server answers
   register [VM_ID RAM CPU [GIB...]]     register a VM: RAM in MiB, disk sizes in GiB
   authenticate [VM_ID]                  authenticate this connection as a VM
-  list_active                           list open connections
-  list_auth                             list authenticated connections
-  list_all                              list every registered VM
-  list_all_disks                        list every disk
+  list [TYPE]                           list TYPE: active (open connections),
+                                        auth (authenticated ones), all (every
+                                        VM) or disks (every disk); on a
+                                        terminal a page at a time (Enter: next
+                                        page, q: stop)
+  list_active                           list active
+  list_auth                             list auth
+  list_all                              list all
+  list_all_disks                        list disks
   update_ram [RAM]                      change the RAM (MiB)
   update_ram_cpu_disks [RAM CPU [CHANGE...]]
                                         change RAM, CPUs and disks; CHANGE is
@@ -55,6 +67,40 @@ for, without echo on a terminal, and read as the next line when piped):
   {...}                                 send a raw JSON request, print the reply
   help                                  this help, then the server's commands
   quit, exit, Ctrl-D                    leave";
+
+/// Asked between two pages of a list on a terminal.
+const MORE: &str = "-- more (Enter: next page, q: stop) --";
+
+/// The page size of a list when the terminal's height is unknown (or there
+/// is no terminal).
+const UNKNOWN_HEIGHT: u32 = 50;
+
+/// The most entries a page may hold (the server's bound on `limit`).
+const MAX_PAGE: u32 = 10_000;
+
+/// Lines a page shows besides its rows: the table's top border, header,
+/// header rule and bottom border, the row count, and [`MORE`].
+const PAGE_FRAME: u16 = 6;
+
+/// How many rows fit on a terminal of `rows` lines with the frame of a
+/// page (at least one, at most [`MAX_PAGE`]).
+fn page_size(rows: Option<u16>) -> u32 {
+    rows.map_or(UNKNOWN_HEIGHT, |rows| {
+        u32::from(rows.saturating_sub(PAGE_FRAME).max(1)).min(MAX_PAGE)
+    })
+}
+
+/// The list a `list` argument names: the names of `vmm-client list` and
+/// those of the protocol.
+fn list_type(name: &str) -> Option<ListType> {
+    Some(match name {
+        "active" | "active_vms" => ListType::ActiveVms,
+        "auth" | "authenticated_vms" => ListType::AuthenticatedVms,
+        "all" | "all_vms" => ListType::AllVms,
+        "disks" | "all_disks" => ListType::AllDisks,
+        _ => return None,
+    })
+}
 
 /// What to do after a command.
 enum Flow {
@@ -205,6 +251,22 @@ impl Shell {
                 let reply = self.conn.run(&Op::Authenticate { vm_id, password }).await?;
                 self.vm = authenticated_vm(&reply);
             }
+            "list" => {
+                if args.len() > 1 {
+                    return Err(usage(
+                        "`list` takes one argument: active, auth, all or disks",
+                    ));
+                }
+                let name = self
+                    .arg_or_ask(args.first(), "list (active, auth, all or disks): ")
+                    .await?;
+                let kind = list_type(&name).ok_or_else(|| {
+                    usage(format!(
+                        "`{name}` is not a list: active, auth, all or disks"
+                    ))
+                })?;
+                self.list(kind).await?;
+            }
             "list_active" | "list_auth" | "list_all" | "list_all_disks" => {
                 no_args(&args)?;
                 let kind = match name {
@@ -213,7 +275,7 @@ impl Shell {
                     "list_all" => ListType::AllVms,
                     _ => ListType::AllDisks,
                 };
-                self.conn.run(&Op::List(kind)).await?;
+                self.list(kind).await?;
             }
             "update_ram" => {
                 if args.len() > 1 {
@@ -259,6 +321,34 @@ impl Shell {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Shows `kind` a page at a time: on a terminal, a screenful and then
+    /// [`MORE`] while more follow; otherwise every page without asking.
+    async fn list(&mut self, kind: ListType) -> Result<(), Abort> {
+        let asking = self.input.interactive() && io::stdout().is_terminal();
+        let size = page_size(self.input.rows());
+        let mut after = None;
+        while let Some(next) = pages::show(&mut self.conn, kind, Some(size), after).await? {
+            if asking && !self.more().await? {
+                break;
+            }
+            after = Some(next);
+        }
+        Ok(())
+    }
+
+    /// Whether to show the next page: anything but `q` (or Ctrl-C, Ctrl-D)
+    /// at [`MORE`].
+    async fn more(&mut self) -> Result<bool, Abort> {
+        match self.ask(MORE).await {
+            Ok(answer) => Ok(!matches!(
+                answer.to_ascii_lowercase().as_str(),
+                "q" | "quit"
+            )),
+            Err(Abort::Cancelled) => Ok(false),
+            Err(abort) => Err(abort),
+        }
     }
 
     /// Sends a raw line; keeps the prompt right when it authenticates or logs
@@ -474,6 +564,26 @@ mod tests {
         assert!(disk_change(&mut update, "50").is_err());
         assert!(disk_change(&mut update, "+x").is_err());
         assert!(disk_change(&mut update, "1=").is_err());
+    }
+
+    #[test]
+    fn a_page_fills_the_terminal() {
+        assert_eq!(page_size(None), UNKNOWN_HEIGHT);
+        assert_eq!(page_size(Some(24)), 18);
+        assert_eq!(page_size(Some(8)), 2);
+        assert_eq!(page_size(Some(3)), 1);
+        assert_eq!(page_size(Some(10_006)), 10_000);
+        assert_eq!(page_size(Some(u16::MAX - 1)), MAX_PAGE);
+    }
+
+    #[test]
+    fn lists_go_by_either_name() {
+        assert_eq!(list_type("all"), Some(ListType::AllVms));
+        assert_eq!(
+            list_type("authenticated_vms"),
+            Some(ListType::AuthenticatedVms)
+        );
+        assert_eq!(list_type("sideways"), None);
     }
 
     #[test]

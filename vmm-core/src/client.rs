@@ -150,6 +150,52 @@ impl Update {
     }
 }
 
+/// One page of a list (see [`Client::list_page`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// At most the `limit` asked for, in key order.
+    pub entries: Vec<T>,
+    /// The cursor to pass as `after` for the following page; `None` on the
+    /// last page.
+    pub next: Option<String>,
+}
+
+impl<T: DeserializeOwned> Page<T> {
+    /// The page a successful `list` reply of `kind` holds. Public so that
+    /// a caller that reads reply lines itself (to print them verbatim, say)
+    /// decodes them the same way.
+    pub fn from_reply(kind: ListType, reply: &mut Reply) -> Result<Page<T>> {
+        let key = kind.as_str();
+        let entries = reply.data.remove(key).unwrap_or(Value::Null);
+        let entries = serde_json::from_value(entries)
+            .map_err(|err| ClientError::Protocol(format!("`{key}`: {err}")))?;
+        let next = match reply.data.remove("next") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(next)) => Some(next),
+            Some(other) => {
+                return Err(ClientError::Protocol(format!(
+                    "`next` is not a string: {other}"
+                )));
+            }
+        };
+        Ok(Page { entries, next })
+    }
+}
+
+/// The `data` of a `list` request: the whole list without `limit`, else
+/// one page, after the `after` cursor when given.
+pub fn list_data(kind: ListType, limit: Option<u32>, after: Option<&str>) -> Value {
+    let mut data = Data::new();
+    data.insert("list_type".into(), json!(kind));
+    if let Some(limit) = limit {
+        data.insert("limit".into(), json!(limit));
+    }
+    if let Some(after) = after {
+        data.insert("after".into(), json!(after));
+    }
+    Value::Object(data)
+}
+
 pub struct Client {
     reader: BufReader<ReadHalf>,
     writer: WriteHalf,
@@ -398,6 +444,26 @@ impl Client {
         self.request("list", data, kind.as_str()).await
     }
 
+    /// One page of `kind`: at most `limit` entries (1 to 10,000; `None`:
+    /// all of them) after the cursor `after` (`None`: from the start).
+    /// `T` is the list's entry type ([`ActiveSession`], [`VmStatus`], ...),
+    /// or [`Value`] to keep the entries as they came.
+    pub async fn list_page<T: DeserializeOwned>(
+        &mut self,
+        kind: ListType,
+        limit: Option<u32>,
+        after: Option<&str>,
+    ) -> Result<Page<T>> {
+        let mut reply = self.call("list", list_data(kind, limit, after)).await?;
+        if !reply.is_success() {
+            return Err(ClientError::Server {
+                code: reply.code.unwrap_or(ErrorCode::Internal),
+                message: reply.message,
+            });
+        }
+        Page::from_reply(kind, &mut reply)
+    }
+
     pub async fn list_active(&mut self) -> Result<Vec<ActiveSession>> {
         self.list(ListType::ActiveVms).await
     }
@@ -412,5 +478,50 @@ impl Client {
 
     pub async fn list_disks(&mut self) -> Result<Vec<DiskEntry>> {
         self.list(ListType::AllDisks).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(data: Value) -> Reply {
+        let Value::Object(data) = data else {
+            panic!("data must be an object");
+        };
+        Reply::success("ok", data)
+    }
+
+    #[test]
+    fn a_page_holds_its_entries_and_the_next_cursor() {
+        let mut r = reply(json!({"all_disks": [{"id": 1}, {"id": 2}], "next": "abc"}));
+        let page: Page<Value> = Page::from_reply(ListType::AllDisks, &mut r).unwrap();
+        assert_eq!(page.entries.len(), 2);
+        assert_eq!(page.next.as_deref(), Some("abc"));
+
+        let mut last = reply(json!({"all_disks": []}));
+        let page: Page<Value> = Page::from_reply(ListType::AllDisks, &mut last).unwrap();
+        assert_eq!((page.entries.len(), page.next), (0, None));
+
+        for bad in [
+            json!({"all_vms": []}),
+            json!({"all_disks": [], "next": 5}),
+            json!({"all_disks": {}}),
+        ] {
+            let mut r = reply(bad);
+            assert!(Page::<Value>::from_reply(ListType::AllDisks, &mut r).is_err());
+        }
+    }
+
+    #[test]
+    fn list_data_carries_only_what_is_given() {
+        assert_eq!(
+            list_data(ListType::AllVms, None, None),
+            json!({"list_type": "all_vms"})
+        );
+        assert_eq!(
+            list_data(ListType::ActiveVms, Some(2), Some("c")),
+            json!({"list_type": "active_vms", "limit": 2, "after": "c"})
+        );
     }
 }
