@@ -463,6 +463,20 @@ async fn run(
     tracing::debug!("connected");
     let idle_timeout = context.config.idle_timeout;
     let mut last_input = Instant::now();
+    // Made once, not per request: waiting registers it with the channel
+    // that every connection shares.
+    let stopped = stop.recv();
+    tokio::pin!(stopped);
+    // One timer for every deadline, since each costs memory in every
+    // connection: the idle timeout (only the client's own input counts), the
+    // request that has started arriving, and the expiry of the session's
+    // token. It is re-armed only for an earlier deadline; one that moved
+    // later (the idle timeout, with each request) is re-armed when the
+    // earlier one fires, so a busy connection does not touch the timer
+    // wheel per request.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
         let next = match conn.buffered_request() {
             Some(incoming) => Next::Incoming(incoming),
@@ -471,18 +485,20 @@ async fn run(
                     tracing::debug!(error = %err, "write failed or timed out");
                     break;
                 }
-                // One timer for every deadline, since each costs memory in
-                // every connection: the idle timeout (only the client's own
-                // input counts), the request that has started arriving, and
-                // the expiry of the session's token.
                 let idle_at = idle_timeout.map(|limit| last_input + limit);
                 let request_at = conn.request_deadline();
                 let expiry = session.expiry();
                 let wake = [idle_at, request_at, expiry].into_iter().flatten().min();
+                if let Some(wake) = wake
+                    && armed.is_none_or(|at| wake < at)
+                {
+                    timer.as_mut().reset(wake.into());
+                    armed = Some(wake);
+                }
                 let revoked = session.revoked();
                 tokio::select! {
                     biased;
-                    _ = stop.recv() => Next::Done,
+                    _ = &mut stopped => Next::Done,
                     event = session.next_event() => match event {
                         Ok(event) => Next::Event(event),
                         Err(Lagged) => {
@@ -499,7 +515,8 @@ async fn run(
                             Next::Done
                         }
                     },
-                    () = sleep_until(wake) => {
+                    () = &mut timer, if armed.is_some() => {
+                        armed = None;
                         let now = Instant::now();
                         if expiry.is_some_and(|at| at <= now) {
                             Next::Ended
