@@ -66,14 +66,14 @@ pub enum Frame {
     TooLarge,
 }
 
-/// A [`Frame`] whose value is still bytes.
+/// A [`Frame`] whose value was decoded by the caller's own function.
 #[derive(Debug, Clone, PartialEq)]
-pub enum RawFrame {
-    /// The bytes of one value whose brackets, strings and separators are
-    /// well formed. It may still not be JSON (a bad literal or number, bytes
-    /// that are not UTF-8): the caller then calls
-    /// [`FrameDecoder::skip_line`], as `decode` does.
-    Value(BytesMut),
+pub enum RawFrame<T> {
+    /// What the caller's function made of the bytes of one value whose
+    /// brackets, strings and separators are well formed. They may still not
+    /// be JSON (a bad literal or number, bytes that are not UTF-8): the
+    /// caller then calls [`FrameDecoder::skip_line`], as `decode` does.
+    Value(T),
     /// See [`Frame::Invalid`].
     Invalid,
     /// See [`Frame::TooLarge`].
@@ -162,22 +162,28 @@ impl FrameDecoder {
     /// input is needed. Bytes that are consumed are removed from `buf`; a
     /// partial value stays in it.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Frame> {
-        Some(match self.decode_raw(buf)? {
-            RawFrame::Value(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(value) => Frame::Value(value),
-                Err(_) => {
-                    self.skip_line();
-                    Frame::Invalid
-                }
+        Some(
+            match self.decode_with(buf, |bytes| serde_json::from_slice::<Value>(bytes))? {
+                RawFrame::Value(value) => match value {
+                    Ok(value) => Frame::Value(value),
+                    Err(_) => {
+                        self.skip_line();
+                        Frame::Invalid
+                    }
+                },
+                RawFrame::Invalid => Frame::Invalid,
+                RawFrame::TooLarge => Frame::TooLarge,
             },
-            RawFrame::Invalid => Frame::Invalid,
-            RawFrame::TooLarge => Frame::TooLarge,
-        })
+        )
     }
 
-    /// [`FrameDecoder::decode`] without building the value: its bytes, for
-    /// a caller that decodes them into its own type.
-    pub fn decode_raw(&mut self, buf: &mut BytesMut) -> Option<RawFrame> {
+    /// [`FrameDecoder::decode`], with the value's bytes decoded by `decode`
+    /// into the caller's own type, straight from the buffer.
+    pub fn decode_with<T>(
+        &mut self,
+        buf: &mut BytesMut,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Option<RawFrame<T>> {
         if self.overflowed {
             buf.clear();
             return None;
@@ -226,7 +232,9 @@ impl FrameDecoder {
             Scan::Complete(end) => end,
         };
         self.kind = None;
-        Some(RawFrame::Value(buf.split_to(end)))
+        let value = decode(&buf[..end]);
+        buf.advance(end);
+        Some(RawFrame::Value(value))
     }
 
     /// Skips the rest of the current line: what follows a value that turned
@@ -471,7 +479,10 @@ impl Connection {
 
     /// Returns a request that is already buffered, without reading.
     pub fn buffered_request(&mut self) -> Option<Incoming> {
-        match self.decoder.decode_raw(&mut self.buffer) {
+        match self
+            .decoder
+            .decode_with(&mut self.buffer, Request::from_slice)
+        {
             Some(frame) => {
                 self.partial_since = None;
                 Some(self.incoming(frame))
@@ -494,7 +505,7 @@ impl Connection {
         Some(self.partial_since? + self.request_timeout?)
     }
 
-    fn incoming(&mut self, frame: RawFrame) -> Incoming {
+    fn incoming(&mut self, frame: RawFrame<Result<Request, BadRequest>>) -> Incoming {
         let not_json = || {
             Incoming::Bad(Reply::error(
                 ErrorCode::InvalidJson,
@@ -504,7 +515,7 @@ impl Connection {
         match frame {
             RawFrame::TooLarge => Incoming::TooLarge,
             RawFrame::Invalid => not_json(),
-            RawFrame::Value(bytes) => match Request::from_slice(&bytes) {
+            RawFrame::Value(request) => match request {
                 Ok(request) => Incoming::Request(request),
                 Err(BadRequest::NotJson) => {
                     self.decoder.skip_line();
@@ -547,35 +558,31 @@ impl Connection {
     }
 
     /// Queues a reply; it is sent by [`Connection::flush`].
-    pub async fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
-        self.put_line(&reply.as_ref())?;
-        self.send_if_big().await
+    pub fn queue_reply(&mut self, reply: &Reply) -> io::Result<()> {
+        self.put_line(&reply.as_ref())
     }
 
-    /// Queues a command's success, streaming its list if it has one. A list
-    /// is sent as it is produced, in batches; everything else waits for
-    /// [`Connection::flush`].
-    pub async fn write_success(
-        &mut self,
-        success: Success,
-        id: Option<&Value>,
-    ) -> Result<(), SendError> {
-        let Some(listing) = success.listing else {
-            self.put_line(&ReplyRef {
-                status: Status::Success,
-                message: &success.message,
-                data: &success.data,
-                code: None,
-                id,
-            })?;
-            return Ok(self.send_if_big().await?);
-        };
-        // Boxed: a list's state would otherwise be part of every
-        // connection's task.
-        Box::pin(self.write_listing(&success.message, &success.data, listing, id)).await
+    /// Queues a command's success that has no list.
+    pub fn queue_success(&mut self, success: &Success, id: Option<&Value>) -> io::Result<()> {
+        self.put_line(&ReplyRef {
+            status: Status::Success,
+            message: &success.message,
+            data: &success.data,
+            code: None,
+            id,
+        })
     }
 
-    async fn write_listing(
+    /// Whether enough is queued that it should be sent before more is
+    /// queued: a pipelining client's replies must not pile up without bound.
+    pub fn backlogged(&self) -> bool {
+        self.out.len() >= crate::listing::BATCH_BYTES
+    }
+
+    /// Writes a list reply (`success` and its [`Listing`]): its head is
+    /// queued, and its entries are sent in batches as they are produced, so
+    /// that a list of any size takes a constant amount of memory.
+    pub async fn write_listing(
         &mut self,
         message: &str,
         data: &Data,
@@ -656,10 +663,8 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends what is queued once it is a batch's worth, so that a pipelining
-    /// client's replies do not pile up without bound.
     async fn send_if_big(&mut self) -> io::Result<()> {
-        if self.out.len() >= crate::listing::BATCH_BYTES {
+        if self.backlogged() {
             self.flush().await?;
         }
         Ok(())

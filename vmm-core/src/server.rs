@@ -26,7 +26,7 @@ use crate::descriptors::{self, Spare, Throttle};
 use crate::error::Error;
 use crate::events::Event;
 use crate::protocol::{ErrorCode, Reply, Request};
-use crate::registry::{Registry, Success};
+use crate::registry::{HandlerFuture, Registry, Success};
 use crate::session::{Lagged, Session};
 use crate::store::SetupError;
 
@@ -508,7 +508,12 @@ async fn run(
                     },
                     () = revoked => Next::Ended,
                     read = conn.read_input() => match read {
-                        Ok(true) => continue,
+                        Ok(true) => {
+                            // The client's own input: what the idle
+                            // timeout counts.
+                            last_input = Instant::now();
+                            continue;
+                        }
                         Ok(false) => Next::Done,
                         Err(err) => {
                             tracing::debug!(error = %err, "read failed");
@@ -568,7 +573,6 @@ async fn run(
                 return;
             }
         };
-        last_input = Instant::now();
         let answer = match incoming {
             Incoming::TooLarge => {
                 tracing::info!(
@@ -587,13 +591,46 @@ async fn run(
                 return;
             }
             Incoming::Bad(reply) => Answer::Reply(reply),
-            Incoming::Request(request) => execute(&context, registry, &mut session, request).await,
+            Incoming::Request(Request { command, data, id }) => {
+                // A revocation or expiry noticed meanwhile applies before
+                // this command.
+                session.settle().await;
+                let (name, handled) = dispatch(&context, registry, &mut session, &command, data);
+                match handled.await {
+                    Ok(success) => Answer::Success(success, id),
+                    Err(err) => {
+                        tracing::debug!(command = name, code = %err.code, "command failed");
+                        Answer::Reply(err.into_reply().with_id(id))
+                    }
+                }
+            }
         };
-        // A client that does not read its replies fills the socket buffer and
-        // then this write; past the write timeout it is disconnected.
-        let sent = match answer {
-            Answer::Reply(reply) => conn.write_reply(&reply).await.map_err(SendError::Io),
-            Answer::Success(success, id) => conn.write_success(success, id.as_ref()).await,
+        // Replies are queued without waiting; what is queued is sent once
+        // no further request is buffered, or once it is a batch's worth. A
+        // client that does not read its replies fills the socket buffer and
+        // then that write; past the write timeout it is disconnected.
+        let queued = match answer {
+            Answer::Reply(reply) => conn.queue_reply(&reply).map_err(SendError::Io),
+            Answer::Success(success, id) => match success.listing {
+                None => conn
+                    .queue_success(&success, id.as_ref())
+                    .map_err(SendError::Io),
+                Some(listing) => {
+                    // Boxed: a list's state would otherwise be part of
+                    // every connection's task.
+                    Box::pin(conn.write_listing(
+                        &success.message,
+                        &success.data,
+                        listing,
+                        id.as_ref(),
+                    ))
+                    .await
+                }
+            },
+        };
+        let sent = match queued {
+            Ok(()) if conn.backlogged() => conn.flush().await.map_err(SendError::Io),
+            queued => queued,
         };
         match sent {
             Ok(()) => {}
@@ -614,36 +651,26 @@ async fn run(
     finish(&context, session).await;
 }
 
-async fn execute(
-    context: &Context,
+/// The handler of `command`, called: its future is boxed already, so the
+/// connection's task holds a pointer to it, not its state. Also the name to
+/// log: only a registered one, since an unknown one is arbitrary client
+/// input and could be anything, a password included.
+fn dispatch<'a>(
+    context: &'a Context,
     registry: &Registry,
-    session: &mut Session,
-    request: Request,
-) -> Answer {
-    let Request { command, data, id } = request;
-    // A revocation or expiry noticed meanwhile applies before this command.
-    session.settle().await;
-    // Only a registered name is logged: an unknown one is arbitrary client
-    // input and could be anything, a password included.
-    let (name, result) = match registry.get(&command) {
-        Some(command) => (
-            command.name,
-            (command.handler)(context, session, data).await,
-        ),
+    session: &'a mut Session,
+    command: &str,
+    data: crate::protocol::Data,
+) -> (&'static str, HandlerFuture<'a>) {
+    match registry.get(command) {
+        Some(command) => (command.name, (command.handler)(context, session, data)),
         None => (
             "(unknown)",
-            Err(Error::new(
+            Box::pin(std::future::ready(Err(Error::new(
                 ErrorCode::UnknownCommand,
                 "unknown command; send {\"command\": \"help\"} for the list",
-            )),
+            )))),
         ),
-    };
-    match result {
-        Ok(success) => Answer::Success(success, id),
-        Err(err) => {
-            tracing::debug!(command = name, code = %err.code, "command failed");
-            Answer::Reply(err.into_reply().with_id(id))
-        }
     }
 }
 
