@@ -4,12 +4,20 @@
 //! defaults). Each hash runs in `spawn_blocking`, and a semaphore lets at most
 //! `concurrency` run at once, so a flood of `authenticate` attempts queues up
 //! instead of exhausting memory or starving other connections.
+//!
+//! Each of those `concurrency` slots owns one argon2 memory block, allocated
+//! when [`Passwords`] is made and reused by every hash after it. Allocating
+//! 19 MiB per hash instead left the process holding hundreds of MiB that the
+//! allocator never gave back, and a fixed reservation is also easier to plan
+//! for: hashing costs `concurrency × m_cost` KiB, known at start.
 
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::{OnceCell, Semaphore};
+use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use subtle::ConstantTimeEq;
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Result};
 
@@ -55,7 +63,12 @@ pub enum Verified {
 #[derive(Debug)]
 pub struct Passwords {
     params: Params,
-    permits: Semaphore,
+    /// Shared with the blocking tasks, which hold their permit until the
+    /// hash is done even if the caller has gone: the cap is on hashes
+    /// running, not on callers waiting.
+    permits: Arc<Semaphore>,
+    /// One argon2 memory per permit.
+    memory: Arc<MemoryPool>,
     /// Hashes computed so far (hashing and verifying alike).
     runs: AtomicU64,
     /// Verified against when the VM does not exist, so that an unknown VM and
@@ -64,11 +77,15 @@ pub struct Passwords {
 }
 
 impl Passwords {
-    /// `concurrency` is the most hashes that run at once (at least one).
+    /// `concurrency` is the most hashes that run at once (at least one);
+    /// each gets its own argon2 memory of `cost.memory_kib`, allocated here.
     pub fn new(concurrency: usize, cost: HashCost) -> std::result::Result<Passwords, String> {
+        let params = cost.params()?;
+        let slots = concurrency.max(1);
         Ok(Passwords {
-            params: cost.params()?,
-            permits: Semaphore::new(concurrency.max(1)),
+            memory: Arc::new(MemoryPool::new(slots, params.block_count())?),
+            params,
+            permits: Arc::new(Semaphore::new(slots)),
             runs: AtomicU64::new(0),
             dummy_hash: OnceCell::new(),
         })
@@ -77,14 +94,11 @@ impl Passwords {
     /// Hashes a password into an argon2id PHC string.
     pub async fn hash(&self, password: String) -> Result<String> {
         let params = self.params.clone();
-        self.blocking(move || {
-            Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-                .hash_password(password.as_bytes())
-                .map(|hash| hash.to_string())
-                .map_err(|err| {
-                    tracing::error!(error = %err, "password hashing failed");
-                    Error::internal()
-                })
+        self.blocking(move |memory| {
+            hash_into(&params, password.as_bytes(), memory).map_err(|err| {
+                tracing::error!(error = %err, "password hashing failed");
+                Error::internal()
+            })
         })
         .await
     }
@@ -98,28 +112,21 @@ impl Passwords {
             None => (self.dummy_hash().await?, false),
         };
         let current = self.params.clone();
-        self.blocking(move || {
+        self.blocking(move |memory| {
+            let Ok(stored) = PasswordHash::new(&hash) else {
+                return Ok(Verified::No);
+            };
             // Always verify, also against the dummy hash: skipping it would
             // make an unknown VM answer faster than a wrong password.
-            let matches = Argon2::default()
-                .verify_password(password.as_bytes(), hash.as_str())
-                .is_ok();
+            let matches = matches(password.as_bytes(), &stored, memory);
             if !(known && matches) {
                 return Ok(Verified::No);
             }
-            let outdated = PasswordHash::new(&hash)
-                .ok()
-                .and_then(|parsed| Params::try_from(&parsed).ok())
-                .is_none_or(|stored| {
-                    (stored.m_cost(), stored.t_cost(), stored.p_cost())
-                        != (current.m_cost(), current.t_cost(), current.p_cost())
-                });
-            if !outdated {
+            if !outdated(&stored, &current) {
                 return Ok(Verified::Yes);
             }
-            Argon2::new(Algorithm::Argon2id, Version::V0x13, current)
-                .hash_password(password.as_bytes())
-                .map(|hash| Verified::YesRehashed(hash.to_string()))
+            hash_into(&current, password.as_bytes(), memory)
+                .map(Verified::YesRehashed)
                 .map_err(|err| {
                     tracing::error!(error = %err, "password re-hashing failed");
                     Error::internal()
@@ -143,18 +150,191 @@ impl Passwords {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce() -> Result<T> + Send + 'static,
+        work: impl FnOnce(&mut [Block]) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let _permit = self
-            .permits
-            .acquire()
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| Error::internal())?;
         self.runs.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_blocking(work).await.map_err(|err| {
+        let pool = Arc::clone(&self.memory);
+        tokio::task::spawn_blocking(move || {
+            // Taken and given back on the blocking thread, together with the
+            // permit: a caller that goes away, or a panic, cannot leave a
+            // permit without its memory.
+            let mut lease = pool.take(permit)?;
+            work(&mut lease.memory)
+        })
+        .await
+        .map_err(|err| {
             tracing::error!(error = %err, "password hashing task failed");
             Error::internal()
         })?
+    }
+}
+
+/// A new argon2id PHC string for `password`, with a fresh random salt,
+/// computed in `memory`.
+fn hash_into(
+    params: &Params,
+    password: &[u8],
+    memory: &mut [Block],
+) -> std::result::Result<String, String> {
+    let mut salt = [0u8; Salt::RECOMMENDED_LENGTH];
+    getrandom::fill(&mut salt).map_err(|err| format!("no random salt: {err}"))?;
+    let salt = Salt::new(&salt).map_err(|err| err.to_string())?;
+    let mut output = [0u8; Params::DEFAULT_OUTPUT_LEN];
+    let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+    compute(&argon2, password, &salt, &mut output, memory).map_err(|err| err.to_string())?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(params).map_err(|err| err.to_string())?,
+        salt: Some(salt),
+        hash: Some(Output::new(&output).map_err(|err| err.to_string())?),
+    };
+    Ok(phc.to_string())
+}
+
+/// Whether `password` hashes to `stored` under the algorithm, version,
+/// parameters and salt written in it.
+fn matches(password: &[u8], stored: &PasswordHash, memory: &mut [Block]) -> bool {
+    let (Some(salt), Some(expected)) = (&stored.salt, &stored.hash) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::new(stored.algorithm.as_str()) else {
+        return false;
+    };
+    let Ok(version) = stored
+        .version
+        .map_or(Ok(Version::default()), Version::try_from)
+    else {
+        return false;
+    };
+    // Carries the stored output length, so the output is computed at that length.
+    let Ok(params) = Params::try_from(stored) else {
+        return false;
+    };
+    let mut output = [0u8; Output::MAX_LENGTH];
+    let Some(output) = output.get_mut(..expected.len()) else {
+        return false;
+    };
+    let argon2 = Argon2::new(algorithm, version, params);
+    compute(&argon2, password, salt, output, memory).is_ok()
+        && bool::from(output.ct_eq(expected.as_bytes()))
+}
+
+/// Whether a hash that matched was made otherwise than new hashes are now.
+fn outdated(stored: &PasswordHash, current: &Params) -> bool {
+    let same_function = stored.algorithm == Algorithm::Argon2id.ident()
+        && stored.version == Some(Version::V0x13.into());
+    let same_cost = Params::try_from(stored).is_ok_and(|stored| {
+        (stored.m_cost(), stored.t_cost(), stored.p_cost())
+            == (current.m_cost(), current.t_cost(), current.p_cost())
+    });
+    !(same_function && same_cost)
+}
+
+/// Hashes in `memory` when it is large enough. A stored hash with a larger
+/// memory cost than today's (the cost was lowered since) gets memory of its
+/// own for this one verification, until its re-hash replaces it.
+fn compute(
+    argon2: &Argon2<'_>,
+    password: &[u8],
+    salt: &[u8],
+    output: &mut [u8],
+    memory: &mut [Block],
+) -> argon2::Result<()> {
+    match memory.get_mut(..argon2.params().block_count()) {
+        Some(memory) => argon2.hash_password_into_with_memory(password, salt, output, memory),
+        None => argon2.hash_password_into(password, salt, output),
+    }
+}
+
+/// The argon2 memories of the hashing slots not in use.
+struct MemoryPool {
+    free: Mutex<Vec<Vec<Block>>>,
+    blocks_each: usize,
+}
+
+impl MemoryPool {
+    fn new(slots: usize, blocks_each: usize) -> std::result::Result<MemoryPool, String> {
+        let free = (0..slots)
+            .map(|_| allocate(blocks_each))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                format!(
+                    "cannot allocate argon2 memory: {slots} × {} KiB",
+                    blocks_each * Block::SIZE / 1024
+                )
+            })?;
+        Ok(MemoryPool {
+            free: Mutex::new(free),
+            blocks_each,
+        })
+    }
+
+    /// A free memory, for the holder of `permit`. There is one per permit,
+    /// so the pool being empty is a bug; it costs an allocation, not a
+    /// failed login.
+    fn take(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<Lease> {
+        let free = self.lock().pop();
+        let memory = match free {
+            Some(memory) => memory,
+            None => {
+                tracing::warn!("no free argon2 memory for a hashing permit: allocating one");
+                allocate(self.blocks_each).ok_or_else(|| {
+                    tracing::error!("cannot allocate argon2 memory");
+                    Error::internal()
+                })?
+            }
+        };
+        Ok(Lease {
+            memory,
+            pool: Arc::clone(self),
+            _permit: permit,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Block>>> {
+        // The vector is whole even if a holder panicked.
+        self.free.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for MemoryPool {
+    /// Counts, not the blocks themselves: megabytes of numbers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `try_lock`: formatting must not wait for, or deadlock on, a hash.
+        let free = self.free.try_lock().map(|free| free.len()).ok();
+        f.debug_struct("MemoryPool")
+            .field("free", &free)
+            .field("blocks_each", &self.blocks_each)
+            .finish()
+    }
+}
+
+/// `blocks` argon2 blocks, or `None` when they cannot be had.
+fn allocate(blocks: usize) -> Option<Vec<Block>> {
+    let mut memory = Vec::new();
+    memory.try_reserve_exact(blocks).ok()?;
+    memory.resize(blocks, Block::new());
+    Some(memory)
+}
+
+/// A hashing slot in use: its memory goes back to the pool when it is
+/// dropped, before its permit is released (fields drop after `drop`), so
+/// the next holder of the permit finds it there.
+struct Lease {
+    memory: Vec<Block>,
+    pool: Arc<MemoryPool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let memory = std::mem::take(&mut self.memory);
+        self.pool.lock().push(memory);
     }
 }
 
@@ -220,6 +400,116 @@ mod tests {
             parallelism: 1,
         };
         assert!(Passwords::new(1, invalid).is_err());
+    }
+
+    /// Stored by the code before the memory pool (argon2's own
+    /// `hash_password`), for "securePass123": they must still verify.
+    const BEFORE_DEFAULT: &str = "$argon2id$v=19$m=19456,t=2,p=1$p7Gko9SXi+dA4eTbKxYTiA$SBRCCUH6pQ0vT4Zg9w73bJCXmEuFwJSZxBKvo50fQS8";
+    const BEFORE_CHEAPER: &str = "$argon2id$v=19$m=8192,t=1,p=1$3kSQTxLtjfRUBjLceT+wxg$4KFHY8SzqOlkfsb8w07vY9ykFNaraEkcKEHQN0qkxwI";
+    const BEFORE_ARGON2I: &str = "$argon2i$v=19$m=19456,t=2,p=1$miLlZgNK+bOK4qoc66L91w$DLqvp2h5zYECThofJyPx66VpurcjQtOabVob8uvWhqY";
+
+    #[tokio::test]
+    async fn hashes_stored_before_the_memory_pool_still_verify() {
+        let passwords = Passwords::new(1, HashCost::default()).unwrap();
+        let verify =
+            |password: &str, hash: &str| passwords.verify(password.into(), Some(hash.into()));
+        assert_eq!(
+            verify("securePass123", BEFORE_DEFAULT).await.unwrap(),
+            Verified::Yes
+        );
+        assert_eq!(
+            verify("securePass124", BEFORE_DEFAULT).await.unwrap(),
+            Verified::No
+        );
+        for (before, starts) in [
+            // A smaller memory cost: computed in part of the pooled memory.
+            (BEFORE_CHEAPER, "$argon2id$v=19$m=19456,t=2,p=1$"),
+            // Another argon2 variant, same cost: verified under its own
+            // algorithm, then replaced by argon2id.
+            (BEFORE_ARGON2I, "$argon2id$v=19$m=19456,t=2,p=1$"),
+        ] {
+            let Verified::YesRehashed(new_hash) = verify("securePass123", before).await.unwrap()
+            else {
+                panic!("expected a re-hash of {before}");
+            };
+            assert!(new_hash.starts_with(starts), "{new_hash}");
+            assert_eq!(
+                verify("securePass123", &new_hash).await.unwrap(),
+                Verified::Yes
+            );
+            assert_eq!(verify("wrong", before).await.unwrap(), Verified::No);
+        }
+
+        // A larger memory cost than the pooled memory: verified in memory of
+        // its own, then re-hashed at the cheaper cost.
+        let cheaper = HashCost {
+            memory_kib: 8192,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let cheap = Passwords::new(1, cheaper).unwrap();
+        let Verified::YesRehashed(new_hash) = cheap
+            .verify("securePass123".into(), Some(BEFORE_DEFAULT.into()))
+            .await
+            .unwrap()
+        else {
+            panic!("expected a re-hash");
+        };
+        assert!(
+            new_hash.starts_with("$argon2id$v=19$m=8192,t=1,p=1$"),
+            "{new_hash}"
+        );
+        assert_eq!(
+            cheap
+                .verify("wrong".into(), Some(BEFORE_DEFAULT.into()))
+                .await
+                .unwrap(),
+            Verified::No
+        );
+    }
+
+    /// The same PHC layout as argon2's `hash_password`: 16 bytes of salt and
+    /// 32 of hash, in B64 without padding.
+    #[tokio::test]
+    async fn new_hashes_keep_the_phc_layout() {
+        let passwords = Passwords::new(1, HashCost::default()).unwrap();
+        let hash = passwords.hash("securePass123".into()).await.unwrap();
+        let fields: Vec<&str> = hash.split('$').collect();
+        assert_eq!(
+            fields[..4],
+            ["", "argon2id", "v=19", "m=19456,t=2,p=1"],
+            "{hash}"
+        );
+        let b64 = |field: &str| {
+            field
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        };
+        assert!(fields[4].len() == 22 && b64(fields[4]), "salt of {hash}");
+        assert!(fields[5].len() == 43 && b64(fields[5]), "hash of {hash}");
+        assert_eq!(fields.len(), 6, "{hash}");
+        let other = passwords.hash("securePass123".into()).await.unwrap();
+        assert_ne!(hash, other, "every hash has its own salt");
+    }
+
+    #[tokio::test]
+    async fn malformed_stored_hashes_do_not_verify() {
+        let passwords = Passwords::new(1, HashCost::default()).unwrap();
+        for stored in [
+            "",
+            "not a hash",
+            "$argon2id$v=19$m=19456,t=2,p=1$p7Gko9SXi+dA4eTbKxYTiA",
+            "$argon2id$v=19$m=19456,t=2,p=1$p7Gko9SXi+dA4eTbKxYTiA$",
+            "$argon2id$v=16$m=19456,t=2,p=1$p7Gko9SXi+dA4eTbKxYTiA$SBRCCUH6pQ0vT4Zg9w73bJCXmEuFwJSZxBKvo50fQS8",
+            "$scrypt$ln=15,r=8,p=1$p7Gko9SXi+dA4eTbKxYTiA$SBRCCUH6pQ0vT4Zg9w73bJCXmEuFwJSZxBKvo50fQS8",
+            "$argon2id$v=19$m=1,t=2,p=1$p7Gko9SXi+dA4eTbKxYTiA$SBRCCUH6pQ0vT4Zg9w73bJCXmEuFwJSZxBKvo50fQS8",
+        ] {
+            let verified = passwords
+                .verify("securePass123".into(), Some(stored.into()))
+                .await
+                .unwrap();
+            assert_eq!(verified, Verified::No, "{stored:?}");
+        }
     }
 
     /// An unknown VM must cost a real verification (against the dummy hash),
