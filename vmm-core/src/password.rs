@@ -6,10 +6,11 @@
 //! instead of exhausting memory or starving other connections.
 //!
 //! Each of those `concurrency` slots owns one argon2 memory block, allocated
-//! when [`Passwords`] is made and reused by every hash after it. Allocating
-//! 19 MiB per hash instead left the process holding hundreds of MiB that the
-//! allocator never gave back, and a fixed reservation is also easier to plan
-//! for: hashing costs `concurrency × m_cost` KiB, known at start.
+//! by its first hash and reused by every hash after it. Allocating 19 MiB
+//! per hash instead left the process holding hundreds of MiB that the
+//! allocator never gave back; now hashing costs at most
+//! `concurrency × m_cost` KiB, and an instance that never hashes costs
+//! nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -78,12 +79,13 @@ pub struct Passwords {
 
 impl Passwords {
     /// `concurrency` is the most hashes that run at once (at least one);
-    /// each gets its own argon2 memory of `cost.memory_kib`, allocated here.
+    /// each gets its own argon2 memory of `cost.memory_kib`, allocated by
+    /// its first hash.
     pub fn new(concurrency: usize, cost: HashCost) -> std::result::Result<Passwords, String> {
         let params = cost.params()?;
         let slots = concurrency.max(1);
         Ok(Passwords {
-            memory: Arc::new(MemoryPool::new(slots, params.block_count())?),
+            memory: Arc::new(MemoryPool::new(slots, params.block_count())),
             params,
             permits: Arc::new(Semaphore::new(slots)),
             runs: AtomicU64::new(0),
@@ -258,36 +260,26 @@ struct MemoryPool {
 }
 
 impl MemoryPool {
-    fn new(slots: usize, blocks_each: usize) -> std::result::Result<MemoryPool, String> {
-        let free = (0..slots)
-            .map(|_| allocate(blocks_each))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                format!(
-                    "cannot allocate argon2 memory: {slots} × {} KiB",
-                    blocks_each * Block::SIZE / 1024
-                )
-            })?;
-        Ok(MemoryPool {
-            free: Mutex::new(free),
+    fn new(slots: usize, blocks_each: usize) -> MemoryPool {
+        MemoryPool {
+            free: Mutex::new(Vec::with_capacity(slots)),
             blocks_each,
-        })
+        }
     }
 
-    /// A free memory, for the holder of `permit`. There is one per permit,
-    /// so the pool being empty is a bug; it costs an allocation, not a
-    /// failed login.
+    /// A free memory, for the holder of `permit`, allocated the first time
+    /// a slot is used: there are never more than there are permits.
     fn take(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<Lease> {
         let free = self.lock().pop();
         let memory = match free {
             Some(memory) => memory,
-            None => {
-                tracing::warn!("no free argon2 memory for a hashing permit: allocating one");
-                allocate(self.blocks_each).ok_or_else(|| {
-                    tracing::error!("cannot allocate argon2 memory");
-                    Error::internal()
-                })?
-            }
+            None => allocate(self.blocks_each).ok_or_else(|| {
+                tracing::error!(
+                    kib = self.blocks_each * Block::SIZE / 1024,
+                    "cannot allocate argon2 memory"
+                );
+                Error::internal()
+            })?,
         };
         Ok(Lease {
             memory,
