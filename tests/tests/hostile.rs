@@ -14,9 +14,10 @@ async fn half_a_request_is_cut_off_while_others_are_served() {
     let mut fine = server.raw().await;
     ok(&slow.call(json!({"command": "ping"})).await);
 
+    // Before the send: the server may see the bytes before this task runs again.
+    let started = Instant::now();
     slow.send(r#"{"command": "register", "data": {"vm_id": "slo"#)
         .await;
-    let started = Instant::now();
     // Answered `invalid_json` (not a silent close), then closed.
     let slow_task = tokio::spawn(async move {
         let reply = slow.try_reply().await;

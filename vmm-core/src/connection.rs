@@ -498,6 +498,11 @@ impl Connection {
         }
     }
 
+    /// Whether input is buffered: a request, or the start of one.
+    pub fn has_input(&self) -> bool {
+        !self.buffer.is_empty()
+    }
+
     /// When the request now arriving must be complete (see
     /// [`Connection::with_request_timeout`]); `None` when no request has
     /// started arriving, or there is no limit.
@@ -689,7 +694,7 @@ impl Connection {
     /// flush, shut down the write side (FIN), then read and discard whatever
     /// the client still sends for a moment. Closing with unread input would
     /// make the kernel send RST, which can destroy the reply in flight.
-    pub async fn close_with(mut self, reply: &Reply) {
+    pub async fn close_with(&mut self, reply: &Reply) {
         let sent = async {
             self.put_line(&reply.as_ref())?;
             self.writer.write_all(&self.out).await?;

@@ -429,9 +429,10 @@ async fn open(stream: TcpStream, context: &Context) -> Option<Connection> {
     )
 }
 
-/// What woke a connection up.
+/// What woke a waiting connection up.
 enum Next {
-    Incoming(Incoming),
+    /// A request is buffered.
+    Input,
     Event(Event),
     /// The session's token was revoked or expired.
     Ended,
@@ -445,6 +446,15 @@ enum Next {
     Done,
 }
 
+/// Whether a connection goes on after its buffered requests.
+enum Flow {
+    Continue,
+    /// Close it: the client misbehaved beyond recovery, or stopped reading.
+    Close,
+    /// It was closed already (with a last reply).
+    Closed,
+}
+
 /// What a request is answered with.
 enum Answer {
     Reply(Reply),
@@ -453,6 +463,10 @@ enum Answer {
 
 /// Runs one connection until it closes, the client misbehaves beyond
 /// recovery, or the server shuts down.
+///
+/// Its task's state is what a connection costs while it waits, which is
+/// most of the time for most of a fleet: requests are answered in a boxed
+/// future ([`answer_buffered`]) that exists only while there are some.
 async fn run(
     mut conn: Connection,
     context: Arc<Context>,
@@ -478,77 +492,82 @@ async fn run(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     loop {
-        let next = match conn.buffered_request() {
-            Some(incoming) => Next::Incoming(incoming),
-            None => {
-                if let Err(err) = conn.flush().await {
-                    tracing::debug!(error = %err, "write failed or timed out");
-                    break;
+        if conn.has_input() {
+            match Box::pin(answer_buffered(&mut conn, &context, registry, &mut session)).await {
+                Flow::Continue => {}
+                Flow::Close => break,
+                Flow::Closed => {
+                    finish(&context, session).await;
+                    return;
                 }
-                let idle_at = idle_timeout.map(|limit| last_input + limit);
-                let request_at = conn.request_deadline();
-                let expiry = session.expiry();
-                let wake = [idle_at, request_at, expiry].into_iter().flatten().min();
-                if let Some(wake) = wake
-                    && armed.is_none_or(|at| wake < at)
-                {
-                    timer.as_mut().reset(wake.into());
-                    armed = Some(wake);
-                }
-                let revoked = session.revoked();
-                tokio::select! {
-                    biased;
-                    _ = &mut stopped => Next::Done,
-                    event = session.next_event() => match event {
-                        Ok(event) => Next::Event(event),
-                        Err(Lagged) => {
-                            tracing::info!("watcher fell behind its events, disconnecting");
-                            Next::Done
-                        }
-                    },
-                    () = revoked => Next::Ended,
-                    read = conn.read_input() => match read {
-                        Ok(true) => {
-                            // The client's own input: what the idle
-                            // timeout counts.
-                            last_input = Instant::now();
-                            continue;
-                        }
-                        Ok(false) => Next::Done,
-                        Err(err) => {
-                            tracing::debug!(error = %err, "read failed");
-                            Next::Done
-                        }
-                    },
-                    () = &mut timer, if armed.is_some() => {
-                        armed = None;
-                        let now = Instant::now();
-                        if expiry.is_some_and(|at| at <= now) {
-                            Next::Ended
-                        } else if request_at.is_some_and(|at| at <= now) {
-                            Next::TimedOut
-                        } else if idle_at.is_some_and(|at| at <= now) {
-                            Next::Idle
-                        } else {
-                            continue;
-                        }
+            }
+        }
+        if let Err(err) = conn.flush().await {
+            tracing::debug!(error = %err, "write failed or timed out");
+            break;
+        }
+        let next = {
+            let idle_at = idle_timeout.map(|limit| last_input + limit);
+            let request_at = conn.request_deadline();
+            let expiry = session.expiry();
+            let wake = [idle_at, request_at, expiry].into_iter().flatten().min();
+            if let Some(wake) = wake
+                && armed.is_none_or(|at| wake < at)
+            {
+                timer.as_mut().reset(wake.into());
+                armed = Some(wake);
+            }
+            let revoked = session.revoked();
+            tokio::select! {
+                biased;
+                _ = &mut stopped => Next::Done,
+                event = session.next_event() => match event {
+                    Ok(event) => Next::Event(event),
+                    Err(Lagged) => {
+                        tracing::info!("watcher fell behind its events, disconnecting");
+                        Next::Done
+                    }
+                },
+                () = revoked => Next::Ended,
+                read = conn.read_input() => match read {
+                    Ok(true) => {
+                        // The client's own input: what the idle
+                        // timeout counts.
+                        last_input = Instant::now();
+                        Next::Input
+                    }
+                    Ok(false) => Next::Done,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "read failed");
+                        Next::Done
+                    }
+                },
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    if expiry.is_some_and(|at| at <= now) {
+                        Next::Ended
+                    } else if request_at.is_some_and(|at| at <= now) {
+                        Next::TimedOut
+                    } else if idle_at.is_some_and(|at| at <= now) {
+                        Next::Idle
+                    } else {
+                        continue;
                     }
                 }
             }
         };
-        let incoming = match next {
-            Next::Incoming(incoming) => incoming,
+        match next {
+            Next::Input => {}
             Next::Event(event) => {
                 if conn.write_raw(event.line.as_bytes()).await.is_err() {
                     tracing::info!("watcher does not read its events, disconnecting");
                     break;
                 }
-                continue;
             }
             Next::Ended => {
                 // Ended here at once, so that every list shows it.
                 session.settle().await;
-                continue;
             }
             Next::Idle => {
                 tracing::info!("idle for too long, closing");
@@ -568,11 +587,29 @@ async fn run(
                     ErrorCode::InvalidJson,
                     format!("the request was not complete within {secs} s; closing the connection"),
                 );
-                conn.close_with(&reply).await;
+                // Boxed, as a rare path, to keep it out of every task.
+                Box::pin(conn.close_with(&reply)).await;
                 finish(&context, session).await;
                 return;
             }
-        };
+        }
+    }
+    let _ = conn.flush().await;
+    finish(&context, session).await;
+}
+
+/// Answers every request already buffered, in order. Replies are queued
+/// without waiting, and sent once no further request is buffered (by the
+/// caller) or once they are a batch's worth. A client that does not read
+/// its replies fills the socket buffer and then that write; past the write
+/// timeout it is disconnected.
+async fn answer_buffered(
+    conn: &mut Connection,
+    context: &Context,
+    registry: &'static Registry,
+    session: &mut Session,
+) -> Flow {
+    while let Some(incoming) = conn.buffered_request() {
         let answer = match incoming {
             Incoming::TooLarge => {
                 tracing::info!(
@@ -587,15 +624,14 @@ async fn run(
                     ),
                 );
                 conn.close_with(&reply).await;
-                finish(&context, session).await;
-                return;
+                return Flow::Closed;
             }
             Incoming::Bad(reply) => Answer::Reply(reply),
             Incoming::Request(Request { command, data, id }) => {
                 // A revocation or expiry noticed meanwhile applies before
                 // this command.
                 session.settle().await;
-                let (name, handled) = dispatch(&context, registry, &mut session, &command, data);
+                let (name, handled) = dispatch(context, registry, session, &command, data);
                 match handled.await {
                     Ok(success) => Answer::Success(success, id),
                     Err(err) => {
@@ -605,10 +641,6 @@ async fn run(
                 }
             }
         };
-        // Replies are queued without waiting; what is queued is sent once
-        // no further request is buffered, or once it is a batch's worth. A
-        // client that does not read its replies fills the socket buffer and
-        // then that write; past the write timeout it is disconnected.
         let queued = match answer {
             Answer::Reply(reply) => conn.queue_reply(&reply).map_err(SendError::Io),
             Answer::Success(success, id) => match success.listing {
@@ -616,15 +648,8 @@ async fn run(
                     .queue_success(&success, id.as_ref())
                     .map_err(SendError::Io),
                 Some(listing) => {
-                    // Boxed: a list's state would otherwise be part of
-                    // every connection's task.
-                    Box::pin(conn.write_listing(
-                        &success.message,
-                        &success.data,
-                        listing,
-                        id.as_ref(),
-                    ))
-                    .await
+                    conn.write_listing(&success.message, &success.data, listing, id.as_ref())
+                        .await
                 }
             },
         };
@@ -636,19 +661,18 @@ async fn run(
             Ok(()) => {}
             Err(SendError::Io(err)) => {
                 tracing::info!(error = %err, "the client does not read its replies, disconnecting");
-                break;
+                return Flow::Close;
             }
             Err(SendError::ListFailed(err)) => {
                 // The reply's line has started: it can be neither finished
                 // nor turned into an error reply.
                 context.lists.broke();
                 tracing::warn!(error = %err, "a list failed half-way through its reply, closing the connection");
-                break;
+                return Flow::Close;
             }
         }
     }
-    let _ = conn.flush().await;
-    finish(&context, session).await;
+    Flow::Continue
 }
 
 /// The handler of `command`, called: its future is boxed already, so the
