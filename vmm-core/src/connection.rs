@@ -48,7 +48,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
 use crate::listing::{Batch, Fill, Listing};
-use crate::protocol::{BadRequest, Data, ErrorCode, Reply, ReplyRef, Request, Status};
+use crate::protocol::{BadRequest, ErrorCode, Reply, Request};
 use crate::registry::Success;
 use syntax::{Step, Syntax};
 
@@ -351,6 +351,25 @@ enum Reader {
     Other(ReadHalf),
 }
 
+/// A success reply's `message` and `data`, borrowed from a [`Success`]
+/// whose list is taken (and so can be held while the list is written).
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub message: &'a str,
+    pub data: &'a crate::protocol::Data,
+    pub written: &'a [(String, Box<serde_json::value::RawValue>)],
+}
+
+impl<'a> Head<'a> {
+    pub fn of(success: &'a Success) -> Head<'a> {
+        Head {
+            message: &success.message,
+            data: &success.data,
+            written: &success.written,
+        }
+    }
+}
+
 /// What arrived from the client.
 #[derive(Debug)]
 pub enum Incoming {
@@ -569,13 +588,59 @@ impl Connection {
 
     /// Queues a command's success that has no list.
     pub fn queue_success(&mut self, success: &Success, id: Option<&Value>) -> io::Result<()> {
-        self.put_line(&ReplyRef {
-            status: Status::Success,
-            message: &success.message,
-            data: &success.data,
-            code: None,
-            id,
-        })
+        self.put_success_head(Head::of(success))?;
+        self.put_success_tail(None, id)
+    }
+
+    /// `{"status":"success","message":...,"data":{` and `data`'s keys, as
+    /// [`ReplyRef`] would write them (the same key order), leaving the
+    /// object open for more keys. Returns whether a key was written.
+    fn put_success_head(&mut self, head: Head<'_>) -> io::Result<bool> {
+        self.out
+            .extend_from_slice(br#"{"status":"success","message":"#);
+        self.put(head.message)?;
+        self.out.extend_from_slice(br#","data":{"#);
+        let mut first = true;
+        for (key, value) in head.data {
+            self.put_key(&mut first, key)?;
+            self.put(value)?;
+        }
+        for (key, value) in head.written {
+            self.put_key(&mut first, key)?;
+            self.out.extend_from_slice(value.get().as_bytes());
+        }
+        Ok(!first)
+    }
+
+    fn put_key(&mut self, first: &mut bool, key: &str) -> io::Result<()> {
+        if !std::mem::take(first) {
+            self.out.push(b',');
+        }
+        self.put(key)?;
+        self.out.push(b':');
+        Ok(())
+    }
+
+    /// Closes `data` (after a last key, `next`, if given) and the reply.
+    fn put_success_tail(
+        &mut self,
+        next: Option<(bool, &str)>,
+        id: Option<&Value>,
+    ) -> io::Result<()> {
+        if let Some((after_key, next)) = next {
+            if after_key {
+                self.out.push(b',');
+            }
+            self.out.extend_from_slice(br#""next":"#);
+            self.put(next)?;
+        }
+        self.out.push(b'}');
+        if let Some(id) = id {
+            self.out.extend_from_slice(br#","id":"#);
+            self.put(id)?;
+        }
+        self.out.extend_from_slice(b"}\n");
+        Ok(())
     }
 
     /// Whether enough is queued that it should be sent before more is
@@ -589,21 +654,13 @@ impl Connection {
     /// that a list of any size takes a constant amount of memory.
     pub async fn write_listing(
         &mut self,
-        message: &str,
-        data: &Data,
+        head: Head<'_>,
         mut listing: Listing,
         id: Option<&Value>,
     ) -> Result<(), SendError> {
-        // The reply's head, as `ReplyRef` would write it, then `data`'s
-        // own keys, then the list's key and its entries.
-        self.out
-            .extend_from_slice(br#"{"status":"success","message":"#);
-        self.put(message)?;
-        self.out.extend_from_slice(br#","data":{"#);
-        for (key, value) in data {
-            self.put(key)?;
-            self.out.push(b':');
-            self.put(value)?;
+        // The reply's head and `data`'s own keys, then the list's key and
+        // its entries.
+        if self.put_success_head(head)? {
             self.out.push(b',');
         }
         self.put(listing.key)?;
@@ -638,16 +695,7 @@ impl Connection {
             SendError::ListFailed(err)
         })?;
         self.out.push(b']');
-        if let Some(next) = next {
-            self.out.extend_from_slice(br#","next":"#);
-            self.put(&next)?;
-        }
-        self.out.push(b'}');
-        if let Some(id) = id {
-            self.out.extend_from_slice(br#","id":"#);
-            self.put(id)?;
-        }
-        self.out.extend_from_slice(b"}\n");
+        self.put_success_tail(next.as_deref().map(|next| (true, next)), id)?;
         drop(listing);
         Ok(self.send_if_big().await?)
     }
@@ -738,6 +786,43 @@ mod tests {
         let mut decoder = FrameDecoder::new(max);
         let mut buf = BytesMut::from(input);
         decode_all(&mut decoder, &mut buf)
+    }
+
+    /// A success written straight into the buffer is, byte for byte, the
+    /// line of the same reply built as a [`Reply`].
+    #[tokio::test]
+    async fn a_written_success_is_the_built_reply() {
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        let mut conn = Connection::tls(ours, 1024);
+        let mut success = Success::new("done \"quoted\"")
+            .with(
+                "vm",
+                json!({"vm_id": "a", "disks": [{"id": 1, "disk_size": 2}]}),
+            )
+            .unwrap()
+            .with("token", "t")
+            .unwrap();
+        success.data.insert("first".into(), json!([1, null]));
+        for id in [None, Some(json!(7)), Some(json!(null)), Some(json!("x"))] {
+            conn.queue_success(&success, id.as_ref()).unwrap();
+            let mut data = crate::protocol::Data::new();
+            data.insert("first".into(), json!([1, null]));
+            data.insert(
+                "vm".into(),
+                json!({"vm_id": "a", "disks": [{"id": 1, "disk_size": 2}]}),
+            );
+            data.insert("token".into(), json!("t"));
+            let built = Reply::success("done \"quoted\"", data).with_id(id);
+            conn.flush().await.unwrap();
+            let mut line = vec![0u8; built.to_line().len()];
+            tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut line)
+                .await
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                String::from_utf8(built.to_line()).unwrap()
+            );
+        }
     }
 
     #[test]

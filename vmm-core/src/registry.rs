@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::context::Context;
 use crate::error::Result;
@@ -24,7 +25,12 @@ use crate::session::Session;
 #[derive(Debug)]
 pub struct Success {
     pub message: Cow<'static, str>,
+    /// Keys of `data` given as values.
     pub data: Data,
+    /// Keys of `data` added with [`Success::with`], serialised once, as
+    /// text: they are written into the reply as they are, and no `Value`
+    /// tree is built of what the server produced itself. After `data`'s.
+    pub written: Vec<(String, Box<RawValue>)>,
     pub listing: Option<Listing>,
 }
 
@@ -33,6 +39,7 @@ impl Success {
         Success {
             message: message.into(),
             data: Data::new(),
+            written: Vec::new(),
             listing: None,
         }
     }
@@ -40,19 +47,18 @@ impl Success {
     /// A list reply whose entries are streamed (see [`crate::listing`]).
     pub fn listing(message: impl Into<Cow<'static, str>>, listing: Listing) -> Success {
         Success {
-            message: message.into(),
-            data: Data::new(),
             listing: Some(listing),
+            ..Success::new(message)
         }
     }
 
     /// Adds one key to `data`.
     pub fn with(mut self, key: &str, value: impl Serialize) -> Result<Success> {
-        let value = serde_json::to_value(value).map_err(|err| {
+        let value = serde_json::value::to_raw_value(&value).map_err(|err| {
             tracing::error!(error = %err, "cannot serialise a reply");
             crate::Error::internal()
         })?;
-        self.data.insert(key.to_owned(), value);
+        self.written.push((key.to_owned(), value));
         Ok(self)
     }
 }

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use serde_json::Value;
 
-use crate::connection::{Connection, Incoming, SendError};
+use crate::connection::{Connection, Head, Incoming, SendError};
 use crate::context::Context;
 use crate::descriptors::{self, Spare, Throttle};
 use crate::error::Error;
@@ -643,12 +643,12 @@ async fn answer_buffered(
         };
         let queued = match answer {
             Answer::Reply(reply) => conn.queue_reply(&reply).map_err(SendError::Io),
-            Answer::Success(success, id) => match success.listing {
+            Answer::Success(mut success, id) => match success.listing.take() {
                 None => conn
                     .queue_success(&success, id.as_ref())
                     .map_err(SendError::Io),
                 Some(listing) => {
-                    conn.write_listing(&success.message, &success.data, listing, id.as_ref())
+                    conn.write_listing(Head::of(&success), listing, id.as_ref())
                         .await
                 }
             },
