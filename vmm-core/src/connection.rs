@@ -39,6 +39,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use serde::Serialize;
@@ -433,6 +435,12 @@ fn timed_out(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, what)
 }
 
+/// Polls once: `Pending` leaves the task's waker registered, so a caller
+/// that then waits for the same thing misses nothing.
+async fn poll_once<T>(mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+    std::future::poll_fn(|cx| Poll::Ready(poll(cx))).await
+}
+
 /// `work`, failing with `TimedOut` after `limit` (never when `None`).
 async fn within<T>(
     limit: Option<Duration>,
@@ -723,15 +731,33 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends everything queued, within the write timeout.
+    /// Sends everything queued, within the write timeout. Most writes are
+    /// taken by the socket at once, so they are tried first without a
+    /// timer: the timer is made only when the client is slow to read.
     pub async fn flush(&mut self) -> io::Result<()> {
         let limit = self.write_timeout;
         let what = "the client does not read its replies";
-        if !self.out.is_empty() {
-            within(limit, what, self.writer.write_all(&self.out)).await?;
-            self.out.clear();
+        let mut sent = 0;
+        while sent < self.out.len() {
+            let (writer, rest) = (&mut self.writer, &self.out[sent..]);
+            match poll_once(|cx| Pin::new(&mut *writer).poll_write(cx, rest)).await {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => sent += n,
+                Poll::Ready(Err(err)) => return Err(err),
+                Poll::Pending => {
+                    within(limit, what, writer.write_all(rest)).await?;
+                    sent = self.out.len();
+                }
+            }
         }
-        within(limit, what, self.writer.flush()).await?;
+        self.out.clear();
+        let writer = &mut self.writer;
+        if poll_once(|cx| Pin::new(&mut *writer).poll_flush(cx))
+            .await
+            .is_pending()
+        {
+            within(limit, what, writer.flush()).await?;
+        }
         if self.out.capacity() > KEEP_OUT {
             self.out = Vec::new();
         }
