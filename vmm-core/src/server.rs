@@ -96,19 +96,22 @@ pub async fn serve(
                 };
                 match Arc::clone(&limit).try_acquire_owned() {
                     Ok(permit) => {
-                        let session = context.sessions.open(peer);
+                        // Mutable, and used in place by the task: moved into a
+                        // binding of its own there, each would take its room
+                        // in the task twice.
+                        let mut session = context.sessions.open(peer);
                         let span = tracing::info_span!("conn", session = session.id(), %peer);
                         let context = Arc::clone(&context);
-                        let stop = stop.subscribe();
+                        let mut stop = stop.subscribe();
                         tasks.spawn(
                             async move {
                                 // Boxed: a TLS handshake's state is large, and
                                 // would otherwise be part of every connection's
                                 // task for its whole life.
-                                match Box::pin(open(stream, &context)).await {
-                                    Some(conn) => run(conn, context, registry, session, stop).await,
-                                    None => finish(&context, session).await,
+                                if let Some(mut conn) = Box::pin(open(stream, &context)).await {
+                                    run(&mut conn, &context, registry, &mut session, &mut stop).await;
                                 }
+                                finish(&context, session);
                                 drop((permit, from_ip));
                             }
                             .instrument(span),
@@ -467,12 +470,16 @@ enum Answer {
 /// Its task's state is what a connection costs while it waits, which is
 /// most of the time for most of a fleet: requests are answered in a boxed
 /// future ([`answer_buffered`]) that exists only while there are some.
+///
+/// It borrows what it works on: an `async fn` keeps the arguments it was
+/// given beside the locals it moves them into, so values taken by value
+/// would be in the task twice.
 async fn run(
-    mut conn: Connection,
-    context: Arc<Context>,
+    conn: &mut Connection,
+    context: &Context,
     registry: &'static Registry,
-    mut session: Session,
-    mut stop: broadcast::Receiver<()>,
+    session: &mut Session,
+    stop: &mut broadcast::Receiver<()>,
 ) {
     tracing::debug!("connected");
     let idle_timeout = context.config.idle_timeout;
@@ -493,13 +500,10 @@ async fn run(
     let mut armed: Option<Instant> = None;
     loop {
         if conn.has_input() {
-            match Box::pin(answer_buffered(&mut conn, &context, registry, &mut session)).await {
+            match Box::pin(answer_buffered(conn, context, registry, session)).await {
                 Flow::Continue => {}
                 Flow::Close => break,
-                Flow::Closed => {
-                    finish(&context, session).await;
-                    return;
-                }
+                Flow::Closed => return,
             }
         }
         if let Err(err) = conn.flush().await {
@@ -589,13 +593,11 @@ async fn run(
                 );
                 // Boxed, as a rare path, to keep it out of every task.
                 Box::pin(conn.close_with(&reply)).await;
-                finish(&context, session).await;
                 return;
             }
         }
     }
     let _ = conn.flush().await;
-    finish(&context, session).await;
 }
 
 /// Answers every request already buffered, in order. Replies are queued
@@ -699,7 +701,7 @@ fn dispatch<'a>(
 }
 
 /// Leaves the live lists at once, then records when the VM was last seen.
-async fn finish(context: &Context, session: Session) {
+fn finish(context: &Context, session: Session) {
     tracing::debug!("disconnected");
     context.sessions.close(session);
 }
