@@ -304,3 +304,60 @@ async fn a_list_that_fails_half_way_closes_the_connection() {
         .await;
     assert_eq!(ok(&reply)["all_vms"].as_array().unwrap().len(), 3);
 }
+
+/// Many clients on two instances list the whole fleet at once, released at
+/// one barrier: far more lists than either instance runs at a time (a
+/// quarter of its pool), so most queue. Every list comes back whole and
+/// consistent, none fails or breaks off, and pings are answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_lists_at_once_on_two_instances_all_come_back_whole() {
+    const CLIENTS: usize = 12;
+    let a = TestServer::start_with(|config| config.max_connections_per_ip = 1_000).await;
+    let b = a
+        .start_beside(|config| config.max_connections_per_ip = 1_000)
+        .await;
+    seed_fleet(&a.db, 2_000, 2).await;
+    assert_eq!(a.context.lists.limit(), 2, "the test pool is 8 connections");
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let server = if i % 2 == 0 { &a } else { &b };
+        clients.push(operator(server, &format!("lister-{i}")).await);
+    }
+    let vms = 2_000 + CLIENTS;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut conn| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut counts = Vec::new();
+                for list_type in ["all_vms", "all_disks", "all_vms"] {
+                    let reply = conn
+                        .call(json!({"command": "list", "data": {"list_type": list_type}}))
+                        .await;
+                    let entries = ok(&reply)[list_type].as_array().map(Vec::len);
+                    assert_eq!(
+                        reply["message"],
+                        format!("{} {list_type}", entries.unwrap_or(0))
+                    );
+                    counts.push(entries);
+                }
+                counts
+            })
+        })
+        .collect();
+    let mut pinger = a.raw().await;
+    barrier.wait().await;
+    let mut pings = 0;
+    while !tasks.iter().all(|task| task.is_finished()) {
+        ok(&pinger.call(json!({"command": "ping"})).await);
+        pings += 1;
+        tokio::task::yield_now().await;
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), [Some(vms), Some(4_000), Some(vms)]);
+    }
+    assert!(pings > 0);
+    assert_eq!(a.context.lists.broken() + b.context.lists.broken(), 0);
+}
