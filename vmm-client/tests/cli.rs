@@ -1,18 +1,12 @@
 //! Done-when 9: `vmm-client`'s one-shot subcommands and its interactive shell
 //! (scripted through stdin) against a live server, with their exit codes.
 
-use std::process::Stdio;
+mod common;
 
+use common::Run;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use vmm_tests::TestServer;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
 
 async fn client(
     server_addr: &str,
@@ -25,34 +19,11 @@ async fn client(
         .args(args)
         .env("VMM_ADDR", server_addr)
         .env_remove("VMM_PASSWORD")
-        .env_remove("VMM_VM_ID")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env_remove("VMM_VM_ID");
     if let Some(password) = password {
         command.env("VMM_PASSWORD", password);
     }
-    let mut child = command.spawn().expect("start vmm-client");
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        // The client may exit before reading it all (it cannot connect, say).
-        let _ = pipe.write_all(input.as_bytes()).await;
-        drop(pipe);
-    }
-    let out = tokio::time::timeout(vmm_tests::PATIENCE, child.wait_with_output())
-        .await
-        .expect("vmm-client finishes")
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::run(command, stdin).await
 }
 
 #[track_caller]

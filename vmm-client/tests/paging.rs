@@ -3,14 +3,16 @@
 //! pages without asking when it is not on a terminal, and asks between
 //! pages when it is (driven through a pseudo-terminal).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::Run;
 use nix::pty::{Winsize, openpty};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use vmm_core::ErrorCode;
 use vmm_core::client::Page;
@@ -19,12 +21,6 @@ use vmm_tests::{Deadline, TestServer, seed_fleet};
 
 const ADMIN: &str = "operator-token-for-paging";
 const MORE: &str = "-- more (Enter: next page, q: stop) --";
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
 
 /// Runs `vmm-client --addr ADDR ARGS` as the operator, `stdin` piped.
 async fn client(addr: &str, args: &[&str], stdin: Option<&str>) -> Run {
@@ -35,30 +31,8 @@ async fn client(addr: &str, args: &[&str], stdin: Option<&str>) -> Run {
         .args(args)
         .env("VMM_ADMIN_TOKEN", ADMIN)
         .env_remove("VMM_VM_ID")
-        .env_remove("VMM_PASSWORD")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = command.spawn().expect("start vmm-client");
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        let _ = pipe.write_all(input.as_bytes()).await;
-        drop(pipe);
-    }
-    let out = tokio::time::timeout(vmm_tests::PATIENCE, child.wait_with_output())
-        .await
-        .expect("vmm-client finishes")
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+        .env_remove("VMM_PASSWORD");
+    common::run(command, stdin).await
 }
 
 #[track_caller]
