@@ -239,6 +239,33 @@ impl FrameDecoder {
         Some(RawFrame::Value(value))
     }
 
+    /// The usual case, in one pass: when the next value starts a line that
+    /// is whole in `buf`, `decode` is given that line (without its newline)
+    /// and returns `Some` only if it is exactly one JSON object, whitespace
+    /// aside. The line is then taken off `buf`. The syntax checker would have
+    /// framed that line the same way, since a line of valid JSON holds none
+    /// of the bytes its rules split on; any other line (several values, a
+    /// broken or partial one, not an object) gives `None`, leaves the
+    /// decoder as it was, and goes through [`FrameDecoder::decode_with`].
+    pub fn decode_line_with<T>(
+        &mut self,
+        buf: &mut BytesMut,
+        decode: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Option<T> {
+        if self.overflowed || self.skipping_line || self.kind.is_some() {
+            return None;
+        }
+        let start = buf.iter().position(|&b| !is_json_whitespace(b))?;
+        if buf[start] != b'{' {
+            return None;
+        }
+        let window = &buf[start..buf.len().min(start + self.max_len + 1)];
+        let end = start + memchr::memchr(b'\n', window)?;
+        let value = decode(&buf[start..end])?;
+        buf.advance(end + 1);
+        Some(value)
+    }
+
     /// Skips the rest of the current line: what follows a value that turned
     /// out not to be JSON after all (see [`RawFrame::Value`]).
     pub fn skip_line(&mut self) {
@@ -506,6 +533,13 @@ impl Connection {
 
     /// Returns a request that is already buffered, without reading.
     pub fn buffered_request(&mut self) -> Option<Incoming> {
+        if let Some(request) = self
+            .decoder
+            .decode_line_with(&mut self.buffer, Request::from_line)
+        {
+            self.partial_since = None;
+            return Some(self.incoming(RawFrame::Value(request)));
+        }
         match self
             .decoder
             .decode_with(&mut self.buffer, Request::from_slice)
@@ -920,6 +954,51 @@ mod tests {
                 Frame::Value(json!({"k": 9})),
             ]
         );
+    }
+
+    /// The requests in `input` as the connection decodes them: whole lines
+    /// first when `by_line`, always the byte-at-a-time framing otherwise.
+    fn requests(input: &[u8], split: usize, by_line: bool) -> Vec<String> {
+        let mut decoder = FrameDecoder::new(200);
+        let mut buf = BytesMut::from(&input[..split]);
+        let mut got = Vec::new();
+        for more in [&input[split..], &[][..]] {
+            loop {
+                if by_line
+                    && let Some(request) = decoder.decode_line_with(&mut buf, Request::from_line)
+                {
+                    got.push(format!("{:?}", RawFrame::Value(request)));
+                    continue;
+                }
+                match decoder.decode_with(&mut buf, Request::from_slice) {
+                    None => break,
+                    Some(frame) => {
+                        if let RawFrame::Value(Err(BadRequest::NotJson)) = frame {
+                            decoder.skip_line();
+                        }
+                        got.push(format!("{frame:?}"));
+                    }
+                }
+            }
+            buf.extend_from_slice(more);
+        }
+        got
+    }
+
+    /// Taking whole lines in one pass frames every input exactly as the
+    /// byte-at-a-time decoder does, wherever the input is split.
+    #[test]
+    fn whole_lines_are_framed_as_the_decoder_frames_them() {
+        let input: &[u8] = b"{\"command\":\"ping\"}\n  {\"command\":\"ping\",\"id\":1}  \r\n\
+            {\"command\":\"ping\"}{\"command\":\"help\"}\n{\"command\":\"ping\"} nope\n{\"command\":7}\n\
+            {\"command\":\"ping\",\"command\":\"x\"}\n{\"command\":\"\xff\"}\n{\"command\":\"ping\"\n{\"id\":2}\n\
+            {\"a\":\"tab\tin a string\"}\n[1]\n\"s\"\n{\"data\":\n{\"command\":\"list\",\"data\":{\"list_type\":\"all_vms\"}}\n\
+            {\"too long\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}\n";
+        let expected = requests(input, input.len(), false);
+        assert_eq!(expected.len(), 17, "{expected:#?}");
+        for split in 0..=input.len() {
+            assert_eq!(requests(input, split, true), expected, "split at {split}");
+        }
     }
 
     #[test]

@@ -20,6 +20,15 @@ pub fn parse<T: DeserializeOwned>(data: Data) -> Result<T> {
         .map_err(|err| Error::invalid_params(describe(&err.path().to_string(), err.inner())))
 }
 
+/// Checks that `data` is empty, for commands that take no parameters. An
+/// empty `data` (every `ping`) is accepted without building anything.
+pub fn none(data: Data) -> Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    parse::<Empty>(data).map(|Empty {}| ())
+}
+
 /// `data` for commands that take no parameters.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -125,6 +125,15 @@ impl Request {
         }
     }
 
+    /// [`Request::from_slice`] for one line that should hold exactly one JSON
+    /// object: `None` when it does not (it is not JSON, or there is more
+    /// after the object), so that the caller frames it the slow way.
+    pub fn from_line(line: &[u8]) -> Option<Result<Request, BadRequest>> {
+        let text = std::str::from_utf8(line).ok()?;
+        let fields = serde_json::from_str::<RawFields>(text).ok()?;
+        Some(fields.request())
+    }
+
     /// Validates the shape of a decoded JSON value. On failure the error still
     /// carries the request's `id` when one could be read, so that a pipelining
     /// client can match the error to its request.

@@ -8,7 +8,7 @@
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::params::{self, Empty};
+use crate::params;
 use crate::protocol::{CommandHelp, Data};
 use crate::registry::{Command, HandlerFuture, Registry, Success};
 use crate::session::Session;
@@ -19,7 +19,7 @@ inventory::submit! {
 
 fn handler<'a>(_: &'a Context, _: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
-        params::parse::<Empty>(data)?;
+        params::none(data)?;
         let registry = Registry::global().map_err(|_| Error::internal())?;
         let commands: Vec<CommandHelp> = registry
             .commands()

@@ -6,7 +6,7 @@
 //! ```
 
 use crate::context::Context;
-use crate::params::{self, Empty};
+use crate::params;
 use crate::protocol::Data;
 use crate::registry::{Command, HandlerFuture, Success};
 use crate::session::Session;
@@ -17,7 +17,7 @@ inventory::submit! {
 
 fn handler<'a>(_: &'a Context, _: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
-        params::parse::<Empty>(data)?;
+        params::none(data)?;
         Ok(Success::new("PONG"))
     })
 }

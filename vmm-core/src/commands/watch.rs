@@ -25,7 +25,7 @@ use serde::Deserialize;
 use crate::context::Context;
 use crate::error::Error;
 use crate::events::Topic;
-use crate::params::{self, Empty};
+use crate::params;
 use crate::protocol::Data;
 use crate::registry::{Command, HandlerFuture, Success};
 use crate::session::Session;
@@ -91,7 +91,7 @@ fn watch<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerF
 
 fn unwatch<'a>(_: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
-        params::parse::<Empty>(data)?;
+        params::none(data)?;
         Ok(Success::new(if session.unwatch() {
             "stopped watching"
         } else {
