@@ -275,7 +275,19 @@ fn docker_container() -> Result<String, String> {
 }
 
 /// `url` with its database replaced by `dbname`.
-fn with_database(url: &str, dbname: &str) -> String {
+/// `url` (a URL or key=value connection string) as user `user`.
+pub fn with_user(url: &str, user: &str) -> String {
+    for scheme in ["postgres://", "postgresql://"] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            let host_and_more = rest.split_once('@').map_or(rest, |(_, after)| after);
+            return format!("postgres://{user}@{host_and_more}");
+        }
+    }
+    format!("{url} user={user}")
+}
+
+/// `url` (a URL or key=value connection string) on database `dbname`.
+pub fn with_database(url: &str, dbname: &str) -> String {
     if let Some(rest) = url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))
@@ -912,21 +924,22 @@ impl ServerProcess {
             .args(args)
             .env("DATABASE_URL", &db.url)
             .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stdout(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap_or_else(|err| fail(format!("cannot start {binary}: {err}")));
-        let stdout = child
-            .stdout
+        // The server logs to stderr.
+        let stderr = child
+            .stderr
             .take()
-            .unwrap_or_else(|| fail("no stdout".into()));
+            .unwrap_or_else(|| fail("no stderr".into()));
         let (addr_tx, addr_rx) = oneshot::channel::<SocketAddr>();
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept = Arc::clone(&log);
         // Read the log until "listening", then keep draining it.
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
-            for line in std::io::BufReader::new(stdout)
+            for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {

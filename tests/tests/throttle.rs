@@ -55,6 +55,31 @@ async fn the_sixth_wrong_password_is_refused_on_another_instance_without_hashing
     );
 }
 
+/// Failures spread over many addresses block the VM, and only the VM: the
+/// reply says so in its message and in `data.scope`.
+#[tokio::test]
+async fn a_blocked_vm_is_named_as_the_scope() {
+    let server = TestServer::start().await;
+    server
+        .client()
+        .await
+        .register(&registration("guessed", 64, vec![]))
+        .await
+        .unwrap();
+    for n in 1..=5 {
+        let mut conn = RawConn::connect_from(n, server.addr).await;
+        wrong(&mut conn, "guessed").await;
+    }
+    let mut conn = RawConn::connect_from(6, server.addr).await;
+    let reply = conn.call(login("guessed", &password_for("guessed"))).await;
+    throttled(&reply);
+    assert_eq!(reply["data"]["scope"], "vm", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("this VM"),
+        "{reply}"
+    );
+}
+
 #[tokio::test]
 async fn failures_from_one_address_block_it_for_every_vm() {
     let server = TestServer::start().await;
@@ -68,7 +93,15 @@ async fn failures_from_one_address_block_it_for_every_vm() {
     for i in 0..5 {
         wrong(&mut conn, &format!("guess-{i}")).await;
     }
-    throttled(&conn.call(login("real", &password_for("real"))).await);
+    let reply = conn.call(login("real", &password_for("real"))).await;
+    throttled(&reply);
+    // The right password of a VM nobody guessed at: the block is the
+    // address's, and the reply says so.
+    assert_eq!(reply["data"]["scope"], "address", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("your address"),
+        "{reply}"
+    );
 }
 
 #[tokio::test]

@@ -76,7 +76,14 @@ async fn commands_check_a_token_they_are_given_and_logout_revokes_it() {
         json!({"command": "update", "data": {"ram": 256, "token": "forged-token"}}),
         json!({"command": "logout", "data": {"token": "forged-token"}}),
     ] {
-        err(&raw.call(request).await, "not_authenticated");
+        let reply = raw.call(request).await;
+        err(&reply, "not_authenticated");
+        // The session is authenticated: what is wrong is the token, and the
+        // message says that, not "authenticate first".
+        assert_eq!(
+            reply["message"], "the `token` given is not this session's token",
+            "{reply}"
+        );
     }
     ok(&raw
         .call(json!({"command": "logout", "data": {"token": token}}))
@@ -132,4 +139,76 @@ async fn an_expired_token_is_refused() {
         .await
         .unwrap();
     assert_eq!(reply.code, Some(ErrorCode::NotAuthenticated));
+}
+
+/// A client that reconnected and sends its old token on the new connection
+/// is told that the token does not carry over, and how to resume; a session
+/// whose token was revoked under it is told that, not "authenticate first".
+#[tokio::test]
+async fn not_authenticated_says_why() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client
+        .register(&registration("why", 64, vec![]))
+        .await
+        .unwrap();
+    let (_, token) = client.login("why", &password_for("why")).await.unwrap();
+
+    let mut fresh = server.raw().await;
+    for request in [
+        json!({"command": "list", "data": {"list_type": "all_vms", "token": token}}),
+        json!({"command": "update", "data": {"ram": 256, "token": token}}),
+        json!({"command": "logout", "data": {"token": token}}),
+    ] {
+        let reply = fresh.call(request).await;
+        err(&reply, "not_authenticated");
+        let message = reply["message"].as_str().unwrap();
+        assert!(
+            message.contains("`token` from another connection") && message.contains("authenticate"),
+            "{reply}"
+        );
+        assert!(
+            !message.contains(&token),
+            "the token is never echoed: {reply}"
+        );
+    }
+    // Without a token, the plain message.
+    let reply = fresh
+        .call(json!({"command": "list", "data": {"list_type": "all_vms"}}))
+        .await;
+    err(&reply, "not_authenticated");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("run `authenticate` first"),
+        "{reply}"
+    );
+
+    // Revoked by a logout on another connection of the same token family.
+    let mut resumed = server.raw().await;
+    ok(&resumed
+        .call(json!({"command": "authenticate", "data": {"vm_id": "why", "token": token}}))
+        .await);
+    let logout = client
+        .call("logout", json!({"token": token}))
+        .await
+        .unwrap();
+    assert_eq!(logout.code, None, "{logout:?}");
+    let deadline = Deadline::new("the revocation reaches the other session");
+    loop {
+        let reply = resumed
+            .call(json!({"command": "list", "data": {"list_type": "all_vms"}}))
+            .await;
+        if reply["status"] == "success" {
+            deadline.tick().await;
+            continue;
+        }
+        err(&reply, "not_authenticated");
+        assert_eq!(
+            reply["message"], "this session's token was revoked: authenticate again",
+            "{reply}"
+        );
+        break;
+    }
 }

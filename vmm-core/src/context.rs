@@ -45,7 +45,9 @@ pub struct Config {
     /// Open connections allowed from one client address; one more is
     /// answered `server_busy` and closed.
     pub max_connections_per_ip: usize,
-    /// A connection that sends nothing for this long is closed (`None`: never).
+    /// A connection that sends nothing for this long is closed (`None`, the
+    /// default: never, as the original server did; a VM's agent may sit
+    /// idle for hours, and TCP keepalive drops peers that vanished).
     pub idle_timeout: Option<Duration>,
     /// This instance's name in the shared `instances` table: unique per
     /// deployment slot and stable across restarts (vmm-server uses
@@ -83,7 +85,7 @@ impl Default for Config {
                 .map(usize::from)
                 .unwrap_or(1),
             database_wait: Duration::from_secs(30),
-            idle_timeout: Some(Duration::from_secs(60)),
+            idle_timeout: None,
             request_timeout: Some(Duration::from_secs(10)),
             max_connections_per_ip: 256,
             write_timeout: Duration::from_secs(10),

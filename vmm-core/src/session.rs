@@ -290,7 +290,7 @@ impl Sessions {
             sessions: Arc::clone(self),
             closed: false,
             watch: None,
-            identity: Identity::Nobody,
+            identity: Identity::Nobody(None),
         }
     }
 
@@ -343,7 +343,9 @@ pub struct Session {
 /// `authenticate`, so that every list, the audit trail and `logout` agree.
 #[derive(Debug)]
 enum Identity {
-    Nobody,
+    /// Not authenticated; with why, when its VM login ended under it (its
+    /// token revoked or expired), so that the next command can say so.
+    Nobody(Option<Ended>),
     /// A VM (`info.vm_id`), by password or by token.
     Vm(VmLogin),
     /// An operator (opened with the admin token): may list, watch and read
@@ -412,7 +414,7 @@ impl Session {
     /// Whether the session may read the lists (and watch): a VM's or an
     /// operator's.
     pub fn may_read(&self) -> bool {
-        !matches!(self.identity, Identity::Nobody)
+        !matches!(self.identity, Identity::Nobody(_))
     }
 
     /// Binds an unauthenticated connection to a VM (after `register`). An
@@ -420,7 +422,7 @@ impl Session {
     /// Binding only decorates `active_vms`, so a failed write is left to the
     /// presence loop rather than failing the registration that succeeded.
     pub async fn bind(&mut self, vm_id: &str) {
-        if matches!(self.identity, Identity::Nobody) {
+        if matches!(self.identity, Identity::Nobody(_)) {
             self.info.vm_id = Some(vm_id.to_owned());
             if self.publish().await.is_err() {
                 self.sessions.mark_dirty();
@@ -466,7 +468,7 @@ impl Session {
     /// once, whatever happens to the write that tells the other instances.
     /// The connection stays bound to its VM in `active_vms`.
     pub async fn logout(&mut self) -> Result<()> {
-        self.identity = Identity::Nobody;
+        self.identity = Identity::Nobody(None);
         self.info.authenticated_at = None;
         // Watching needs authentication.
         self.watch = None;
@@ -510,6 +512,16 @@ impl Session {
         // Best effort: a lost write is rewritten by the presence loop.
         // Boxed, as a rare path, to keep it out of every connection's task.
         let _ = Box::pin(self.logout()).await;
+        self.identity = Identity::Nobody(Some(why));
+    }
+
+    /// Why this session's VM login ended under it, if it did and it has not
+    /// authenticated since.
+    pub fn ended_by(&self) -> Option<Ended> {
+        match self.identity {
+            Identity::Nobody(ended) => ended,
+            _ => None,
+        }
     }
 
     /// Starts (or changes) the session's subscription to change events.

@@ -280,6 +280,59 @@ fn causes(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Why the database could not be used at start-up.
+#[derive(Debug)]
+struct Unready {
+    /// Without the pool's boilerplate ("Error occurred while creating a new
+    /// object"): the cause an operator can act on.
+    reason: String,
+    /// Whether waiting can fix it.
+    transient: bool,
+}
+
+impl Unready {
+    fn of_pool(err: &deadpool_postgres::PoolError) -> Unready {
+        use deadpool_postgres::PoolError;
+        match err {
+            PoolError::Backend(err) => Unready::of_postgres(err),
+            PoolError::Timeout(_) => Unready {
+                reason: "connecting timed out".into(),
+                transient: true,
+            },
+            other => Unready {
+                reason: causes(other),
+                transient: false,
+            },
+        }
+    }
+
+    fn of_postgres(err: &tokio_postgres::Error) -> Unready {
+        use std::io::ErrorKind;
+        use tokio_postgres::error::SqlState;
+        if let Some(db) = err.as_db_error() {
+            return Unready {
+                reason: db.message().to_owned(),
+                transient: *db.code() == SqlState::CANNOT_CONNECT_NOW,
+            };
+        }
+        let io = std::iter::successors(std::error::Error::source(err), |cause| cause.source())
+            .find_map(|cause| cause.downcast_ref::<std::io::Error>());
+        let transient = io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::TimedOut
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+            )
+        }) || err.to_string().contains("timeout");
+        Unready {
+            reason: causes(err),
+            transient,
+        }
+    }
+}
+
 impl Store {
     /// One statement on a pooled connection, prepared once per connection.
     async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
@@ -347,28 +400,39 @@ impl Store {
         Ok(Store { pool })
     }
 
-    /// Waits until the database answers, logging each failed attempt.
+    /// Waits until the database answers, logging each failed attempt. Only
+    /// what waiting can fix is retried: PostgreSQL not listening yet, not
+    /// answering in time, or still starting up. Anything else (no such
+    /// database or user, a wrong password) fails at once, with
+    /// PostgreSQL's own words, which name the database or the user.
     pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), SetupError> {
         let deadline = Instant::now() + timeout;
         let mut attempt = 1u32;
         loop {
-            let error = match self.pool.get().await {
+            let failure = match self.pool.get().await {
                 Ok(client) => match client.simple_query("SELECT 1").await {
                     Ok(_) => return Ok(()),
-                    Err(err) => causes(&err),
+                    Err(err) => Unready::of_postgres(&err),
                 },
-                Err(err) => causes(&err),
+                Err(err) => Unready::of_pool(&err),
             };
+            if !failure.transient {
+                return Err(SetupError(format!(
+                    "cannot use the database: {}; check --database-url / DATABASE_URL",
+                    failure.reason
+                )));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(SetupError(format!(
-                    "the database did not answer within {}s (last error: {error}); \
+                    "the database did not answer within {}s ({}); \
                      check that PostgreSQL is running and that --database-url / DATABASE_URL \
                      points at it",
-                    timeout.as_secs()
+                    timeout.as_secs(),
+                    failure.reason
                 )));
             }
-            tracing::warn!(attempt, error = %error, "database not ready, retrying");
+            tracing::warn!(attempt, error = %failure.reason, "database not ready, retrying");
             tokio::time::sleep(Duration::from_secs(1).min(left)).await;
             attempt += 1;
         }

@@ -1,7 +1,7 @@
 //! `vmm-server`: parses its flags, sets up logging, and runs
 //! [`vmm_core::serve`] until SIGINT or SIGTERM.
 
-use std::net::SocketAddr;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -25,9 +25,10 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "VMM_LISTEN", default_value = "127.0.0.1:8888")]
-    listen: SocketAddr,
+    /// Address to listen on: HOST:PORT, where HOST is an IP address or a
+    /// name (`localhost:8888`, `0.0.0.0:8888`, `[::]:8888`).
+    #[arg(long, env = "VMM_LISTEN", default_value = "127.0.0.1:8888", value_parser = listen_address)]
+    listen: String,
 
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", default_value = vmm_core::context::DEFAULT_DATABASE_URL, hide_env_values = true)]
@@ -46,8 +47,10 @@ struct Args {
     #[arg(long, env = "VMM_MAX_REQUEST_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(64..))]
     max_request_bytes: u32,
 
-    /// Close a connection that sends nothing for this many seconds (0: never).
-    #[arg(long, env = "VMM_IDLE_TIMEOUT", default_value_t = 60)]
+    /// Close a connection that sends nothing for this many seconds (0, the
+    /// default: never, as the original server did; TCP keepalive still drops
+    /// clients that vanished).
+    #[arg(long, env = "VMM_IDLE_TIMEOUT", default_value_t = 0)]
     idle_timeout: u64,
 
     /// This instance's name among the instances sharing the database: unique,
@@ -119,8 +122,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // refinery logs each migration it applies, as does `Store::migrate`
+    // (with the version's name): one line each is enough.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
+    // Logs are diagnostics: stderr, as services are expected to write them,
+    // with colour only for a person at a terminal who has not opted out.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     match args.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -203,12 +215,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(
-    listen: SocketAddr,
+    listen: String,
     instance_name: Option<String>,
     mut config: vmm_core::Config,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // Bind first: the instance is named after the port it really got.
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
     let address = listener.local_addr()?;
@@ -219,6 +231,22 @@ async fn run(
     vmm_core::serve(listener, context, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// HOST:PORT with a port that is a number: a name is resolved when the
+/// server binds, so that `localhost:8888` works as well as an address.
+fn listen_address(text: &str) -> Result<String, String> {
+    if text.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(text.to_owned());
+    }
+    match text.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty() && !host.contains(':') && port.parse::<u16>().is_ok() =>
+        {
+            Ok(text.to_owned())
+        }
+        _ => Err("expected HOST:PORT, such as 127.0.0.1:8888, localhost:8888 or [::]:8888".into()),
+    }
 }
 
 /// The operator token, from the file's first line or `VMM_ADMIN_TOKEN`.

@@ -261,6 +261,10 @@ pub(super) async fn throttled(
     let mut err = Error::new(ErrorCode::TooManyAttempts, message);
     err.data
         .insert("retry_after_ms".into(), refused.retry_after_ms.into());
+    // Which block it is, for a client to act on: waiting out a VM's block
+    // helps that VM only, an address's block stops every VM behind it.
+    let scope = if whose == "this VM" { "vm" } else { "address" };
+    err.data.insert("scope".into(), scope.into());
     err
 }
 

@@ -112,7 +112,7 @@ fn after<K: FromStr>(kind: ListType, cursor: &str) -> Result<K> {
 fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
         if !session.may_read() {
-            return Err(Error::not_authenticated());
+            return Err(super::unauthenticated(session, &data));
         }
         let p: Params = params::parse(data)?;
         super::check_token(ctx, session, p.token.as_deref()).await?;

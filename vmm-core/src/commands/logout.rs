@@ -14,7 +14,6 @@
 use serde::Deserialize;
 
 use crate::context::Context;
-use crate::error::Error;
 use crate::params;
 use crate::protocol::Data;
 use crate::registry::{Command, HandlerFuture, Success};
@@ -43,7 +42,7 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             return Ok(Success::new("logged out of the operator session"));
         }
         let (Some(vm_id), Some(login)) = (session.authenticated_vm(), session.vm_login()) else {
-            return Err(Error::not_authenticated());
+            return Err(super::unauthenticated(session, &data));
         };
         let vm_id = vm_id.to_owned();
         let p: Params = params::parse(data)?;

@@ -15,7 +15,7 @@ mod watch;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::protocol::ErrorCode;
+use crate::protocol::{Data, ErrorCode};
 use crate::secrets;
 use crate::session::{Ended, Session};
 use crate::store::{Authority, TokenCheck};
@@ -26,6 +26,24 @@ fn token_refused(check: TokenCheck) -> Error {
     let message = match check {
         TokenCheck::WrongToken => "the `token` given is not this session's token",
         _ => "this session's token was revoked or has expired: authenticate again",
+    };
+    Error::new(ErrorCode::NotAuthenticated, message)
+}
+
+/// The reply to a command that needs an authenticated session, on one that
+/// is not. Where the client could be misled it says why: its token was
+/// revoked or expired under it, or it sent a `token` on a connection that
+/// never authenticated (a client that reconnected and kept its old token).
+fn unauthenticated(session: &Session, data: &Data) -> Error {
+    let message = match session.ended_by() {
+        Some(Ended::Revoked) => "this session's token was revoked: authenticate again",
+        Some(Ended::Expired) => "this session's token has expired: authenticate again",
+        None if data.contains_key("token") => {
+            "this connection has not authenticated: a `token` from another connection does \
+             not authenticate it; send `authenticate` with `vm_id` and that `token` (or the \
+             password) first"
+        }
+        None => return Error::not_authenticated(),
     };
     Error::new(ErrorCode::NotAuthenticated, message)
 }

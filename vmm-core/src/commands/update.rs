@@ -8,7 +8,8 @@
 //! ```
 //!
 //! A disk with `id` is resized in place and keeps its id; it must be this
-//! VM's (else `not_found`) and may not shrink. A disk without `id` is a new
+//! VM's (else `not_found`) and may not shrink. A disk entry may carry
+//! `vm_id`, as `list all_disks` shows it, if that is this VM's. A disk without `id` is a new
 //! disk. Disks not named are left alone (the old server deleted and
 //! re-created them all, with new ids). A VM has at most 64 disks, however
 //! many updates race on however many instances: the database enforces it
@@ -54,9 +55,12 @@ struct Params {
 struct DiskChange {
     id: Option<i64>,
     disk_size: i64,
+    /// Accepted so that a disk can be sent back as `list all_disks` shows
+    /// it; it must name the session's own VM.
+    vm_id: Option<String>,
 }
 
-fn validate(p: Params) -> Result<VmUpdate> {
+fn validate(p: Params, vm_id: &str) -> Result<VmUpdate> {
     if p.ram.is_none() && p.cpu.is_none() && p.disks.is_none() {
         return Err(Error::invalid_params(
             "nothing to update: give at least one of `ram`, `cpu`, `disks`",
@@ -76,6 +80,11 @@ fn validate(p: Params) -> Result<VmUpdate> {
     }
     let mut named = HashSet::new();
     for (i, disk) in disks.iter().enumerate() {
+        if disk.vm_id.as_deref().is_some_and(|owner| owner != vm_id) {
+            return Err(Error::invalid_params(format!(
+                "`disks[{i}].vm_id`: a VM updates only its own disks ({vm_id})"
+            )));
+        }
         let size = params::disk_size(&format!("disks[{i}].disk_size"), disk.disk_size)?;
         match disk.id {
             Some(id) => {
@@ -102,12 +111,12 @@ fn handler<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> Handle
             ));
         }
         let (Some(vm_id), Some(login)) = (session.authenticated_vm(), session.vm_login()) else {
-            return Err(Error::not_authenticated());
+            return Err(super::unauthenticated(session, &data));
         };
         let (vm_id, family) = (vm_id.to_owned(), login.family());
         let p: Params = params::parse(data)?;
         let digest = p.token.as_deref().map(secrets::digest);
-        let update = validate(p)?;
+        let update = validate(p, &vm_id)?;
         let authority = Authority {
             family,
             token: digest.as_ref(),

@@ -59,7 +59,7 @@ fn topic_name(topic: Topic) -> &'static str {
 fn watch<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
     Box::pin(async move {
         if !session.may_read() {
-            return Err(Error::not_authenticated());
+            return Err(super::unauthenticated(session, &data));
         }
         let p: Params = params::parse(data)?;
         let mut topics = Vec::new();
