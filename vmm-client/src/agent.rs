@@ -10,8 +10,8 @@
 //! 3. Send `ping` every `--ping-interval` and check each reply.
 //! 4. When the connection is lost (it cannot be opened, the server closes it,
 //!    an I/O error, no reply within [`REPLY_TIMEOUT`], or a reply saying the
-//!    server cannot work right now: `unavailable`, `server_busy`,
-//!    `internal`), log why, wait for the backoff, and go back to 1.
+//!    server cannot work right now: one of [`RETRIED`]), log why, wait for
+//!    the backoff, and go back to 1.
 //!
 //! After the first password login the agent keeps the session token it was
 //! given and resumes with it on later connections, so a fleet reconnecting
@@ -93,6 +93,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH")]
     password_file: Option<PathBuf>,
 
+    /// Read the server's enrollment secret for `register` from PATH (its
+    /// trailing newline dropped) instead of $VMM_REGISTRATION_SECRET (not
+    /// both); needs --ram and --cpu.
+    #[arg(long, value_name = "PATH", requires = "ram")]
+    registration_secret_file: Option<PathBuf>,
+
     /// Ping the server every SECS while connected (fractions allowed).
     #[arg(long, value_name = "SECS", default_value = "15", value_parser = parse_secs)]
     ping_interval: Duration,
@@ -149,6 +155,8 @@ struct Agent {
     password: Secret,
     /// RAM and CPUs and disks to register with, if given.
     registration: Option<(u32, u32, Vec<u32>)>,
+    /// The enrollment secret `register` carries, if any. Never logged.
+    registration_secret: Option<Secret>,
     ping_interval: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -195,12 +203,17 @@ impl Agent {
             (Some(ram), Some(cpu)) => Some((ram, cpu, args.disks)),
             _ => None,
         };
+        let registration_secret = match registration {
+            Some(_) => secrets::registration_secret_from(args.registration_secret_file.as_deref())?,
+            None => None,
+        };
         Ok(Agent {
             addr: addr.to_owned(),
             vm_id: args.vm_id,
             password: Secret(password),
             token: std::sync::Mutex::new(None),
             registration,
+            registration_secret: registration_secret.map(Secret),
             ping_interval: args.ping_interval,
             backoff_initial: args.backoff_initial,
             backoff_max: args.backoff_max,
@@ -281,7 +294,7 @@ impl Agent {
                 cpu: *cpu,
                 password: self.password.0.clone(),
                 disks: disks.clone(),
-                registration_secret: secrets::registration_secret(),
+                registration_secret: self.registration_secret.as_ref().map(|s| s.0.clone()),
             };
             match stop.guarded(client.register(&registration)).await {
                 Ok(_) => self.log("registered"),
@@ -376,16 +389,88 @@ impl Agent {
 }
 
 /// Error replies that say the server cannot work right now, rather than that
-/// the request is wrong. `too_many_attempts` is among them: other clients'
-/// failures from the same address can block this one's logins for a while,
-/// and attempts while blocked cost nothing and count for nothing.
+/// the request is wrong: the agent reconnects after them. `too_many_attempts`
+/// is among them: other clients' failures from the same address can block
+/// this one's logins for a while, and attempts while blocked cost nothing and
+/// count for nothing. `agent --help` lists them from here, so that the help
+/// cannot say otherwise than the code does.
+pub const RETRIED: &[ErrorCode] = &[
+    ErrorCode::Unavailable,
+    ErrorCode::ServerBusy,
+    ErrorCode::Internal,
+    ErrorCode::TooManyAttempts,
+];
+
 fn retryable(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::Unavailable
-            | ErrorCode::ServerBusy
-            | ErrorCode::Internal
-            | ErrorCode::TooManyAttempts
+    RETRIED.contains(&code)
+}
+
+/// The start of the help's line that lists [`RETRIED`].
+const RETRIED_LINE: &str = "Error replies retried:";
+
+/// `RETRIED_LINE` and the codes, e.g. `Error replies retried: unavailable, server_busy`.
+fn retried_line() -> String {
+    let codes: Vec<&str> = RETRIED.iter().map(|code| code.as_str()).collect();
+    format!("{RETRIED_LINE} {}", codes.join(", "))
+}
+
+/// `agent --help`'s description. Built at run time, from [`RETRIED`],
+/// [`REPLY_TIMEOUT`] and [`STOP_GRACE`], so that it cannot disagree with
+/// what the agent does.
+pub fn long_about() -> String {
+    format!(
+        "\
+Run on a VM: stay registered and authenticated, reconnecting as needed.
+
+On each connection: with --ram and --cpu, send `register` first (a VM that
+exists already is fine); then `authenticate`. After the first password login
+the agent keeps its session token and resumes with it on later connections
+(no password hash on the server); a refused token means a password login
+again. While connected, ping every --ping-interval.
+
+When the connection is lost (cannot connect, closed, I/O error, no reply
+within {timeout}) or the server answers with an error reply saying that it
+cannot work right now, wait and reconnect.
+  {retried}
+The n-th failed attempt in a row (n = 0, 1, ...) waits a random time between
+step/2 and step, where step = min(--backoff-max, --backoff-initial * 2^n)
+(equal jitter); a successful authentication starts the backoff over.
+
+The password comes from --password-file (its first line), else
+$VMM_PASSWORD; never from the command line, and it is never logged. The
+enrollment secret that `register` carries comes from
+--registration-secret-file, else ${secret_env}.
+
+Each state change is logged to stderr as one line: an RFC 3339 UTC time,
+`agent VM_ID:`, and what happened.
+
+On SIGINT or SIGTERM: when authenticated, send `logout` (waiting at most
+{grace} for the reply); then exit 0.",
+        timeout = humantime::format_duration(REPLY_TIMEOUT),
+        retried = retried_line(),
+        secret_env = secrets::REGISTRATION_SECRET_ENV,
+        grace = humantime::format_duration(STOP_GRACE),
+    )
+}
+
+/// `agent --help`'s examples and exit codes, built from [`RETRIED`] like
+/// [`long_about`].
+pub fn after_help() -> String {
+    format!(
+        "\
+Examples:
+  VMM_PASSWORD=securePass123 vmm-client agent --vm-id stalin --ram 512 --cpu 4 --disk 100
+  vmm-client --addr 10.0.0.5:8888 agent --vm-id stalin --password-file /etc/vmm/password
+
+Exit codes:
+  0  stopped by SIGINT or SIGTERM
+  1  a failure retrying cannot fix: wrong password, or a VM that does not
+     exist without --ram/--cpu (invalid_credentials), a registration the
+     server rejects (invalid_params, forbidden), or any other error reply
+     than those retried:
+     {retried}
+  2  usage error: bad arguments, or no password",
+        retried = retried_line(),
     )
 }
 
@@ -570,6 +655,33 @@ mod tests {
         assert!(retryable(ErrorCode::TooManyAttempts));
         assert!(!retryable(ErrorCode::InvalidCredentials));
         assert!(!retryable(ErrorCode::InvalidParams));
+    }
+
+    /// The codes on the help's retried lines, each line's, sorted.
+    fn listed(help: &str) -> Vec<Vec<String>> {
+        help.lines()
+            .filter_map(|line| line.trim().strip_prefix(RETRIED_LINE))
+            .map(|codes| {
+                let mut codes: Vec<String> = codes
+                    .split(',')
+                    .map(|code| code.trim().to_owned())
+                    .collect();
+                codes.sort();
+                codes
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_help_lists_exactly_the_codes_retried() {
+        let mut retried: Vec<String> = ErrorCode::ALL
+            .into_iter()
+            .filter(|code| retryable(*code))
+            .map(|code| code.as_str().to_owned())
+            .collect();
+        retried.sort();
+        assert_eq!(listed(&long_about()), [retried.clone()]);
+        assert_eq!(listed(&after_help()), [retried]);
     }
 
     #[test]

@@ -240,32 +240,36 @@ impl Conn {
     }
 
     /// Runs `op` and prints its outcome on success: the reply line with
-    /// `--json`, else a table or message. An error reply is returned as
-    /// [`Failure::Server`] and printed by the caller (the raw line, with
-    /// `--json`, is printed here).
+    /// `--json` (without a session token, see [`without_token`]), else a
+    /// table or message. An error reply is returned as [`Failure::Server`]
+    /// and printed by the caller (the raw line, with `--json`, is printed
+    /// here).
     pub async fn run(&mut self, op: &Op) -> Result<Reply, Failure> {
-        self.exchange(op, true).await
+        self.exchange(op, Step::Command).await
     }
 
-    /// Authenticates before another command: like [`Conn::run`], but prints
-    /// nothing on success except the reply line with `--json`.
+    /// Authenticates before another command: see [`Conn::authenticate`].
     pub async fn login(&mut self, vm_id: &str, password: String) -> Result<Reply, Failure> {
         let op = Op::Authenticate {
             vm_id: vm_id.to_owned(),
             password,
         };
-        self.exchange(&op, false).await
+        self.authenticate(&op).await
     }
 
-    /// Authenticates (as a VM or the operator) without printing the reply
-    /// for people (`--json` prints it).
+    /// Authenticates (as a VM or the operator) before another command, and
+    /// prints nothing when that succeeds, not even with `--json`: a run
+    /// prints one JSON document, the reply of the command asked for, and an
+    /// authenticate reply carries a session token. A refusal ends the run,
+    /// so with `--json` its error reply is that document.
     pub async fn authenticate(&mut self, op: &Op) -> Result<Reply, Failure> {
-        self.exchange(op, false).await
+        self.exchange(op, Step::Before).await
     }
 
-    /// Opens an operator session (what `--admin` does before the command).
+    /// Opens an operator session (what `--admin` does before the command),
+    /// printing like [`Conn::authenticate`].
     pub async fn operator(&mut self, admin_token: String) -> Result<Reply, Failure> {
-        self.exchange(&Op::Operator { admin_token }, false).await
+        self.authenticate(&Op::Operator { admin_token }).await
     }
 
     /// Sends `op` and returns its reply line and the reply, success or
@@ -288,15 +292,17 @@ impl Conn {
         Failure::Connection(format!("unexpected reply from {}: {what}", self.addr))
     }
 
-    async fn exchange(&mut self, op: &Op, show: bool) -> Result<Reply, Failure> {
+    async fn exchange(&mut self, op: &Op, step: Step) -> Result<Reply, Failure> {
         let (line, reply) = self.fetch(op).await?;
-        if self.json {
+        let success = reply.is_success();
+        if self.json && (step == Step::Command || !success) {
+            let line = without_token(line, &reply).map_err(|what| self.nonsense(what))?;
             out::line(&line);
         }
-        if !reply.is_success() {
+        if !success {
             return Err(Failure::from_reply(&reply));
         }
-        if show && !self.json {
+        if step == Step::Command && !self.json {
             let text = render::reply(op, &reply).map_err(|what| self.nonsense(what))?;
             out::line(&text);
         }
@@ -325,6 +331,27 @@ impl Conn {
     }
 }
 
+/// What a request is to the run: the command asked for, whose reply is
+/// shown, or a step before it (authenticating), whose reply is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Command,
+    Before,
+}
+
+/// `line`, or when its `data` holds a session `token`, the same reply
+/// without it: `--json` output ends up in logs and CI transcripts, and a
+/// token lets whoever reads it act as the VM until it expires, long after
+/// this run. `token_expires_at` stays.
+fn without_token(line: String, reply: &Reply) -> Result<String, String> {
+    if !reply.data.contains_key("token") {
+        return Ok(line);
+    }
+    let mut reply = reply.clone();
+    reply.data.shift_remove("token");
+    serde_json::to_string(&reply).map_err(|err| err.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +376,19 @@ mod tests {
         assert_eq!(host_of("[::1]:8888"), "::1");
         assert_eq!(host_of("localhost"), "localhost");
         assert_eq!(host_of("::1"), "::1");
+    }
+
+    #[test]
+    fn a_printed_reply_carries_no_token() {
+        let line = r#"{"status":"success","message":"authenticated as a","data":{"vm":{"vm_id":"a"},"token":"s3cret-token","token_expires_at":"2030-01-01T00:00:00Z"}}"#;
+        let reply: Reply = serde_json::from_str(line).unwrap();
+        let printed = without_token(line.to_owned(), &reply).unwrap();
+        assert_eq!(
+            printed,
+            r#"{"status":"success","message":"authenticated as a","data":{"vm":{"vm_id":"a"},"token_expires_at":"2030-01-01T00:00:00Z"}}"#
+        );
+        let pong = r#"{"status":"success","message":"PONG","data":{}}"#;
+        let reply: Reply = serde_json::from_str(pong).unwrap();
+        assert_eq!(without_token(pong.to_owned(), &reply).unwrap(), pong);
     }
 }

@@ -3,8 +3,14 @@
 //! With a subcommand it runs that one command (authenticating first on the
 //! same connection when the command needs a session) and exits; without one
 //! it opens an interactive shell over a single connection. People get tables
-//! and message lines; `--json` prints the server's reply lines verbatim for
-//! scripts. All I/O goes through [`vmm_core::Client`].
+//! and message lines; `--json` prints the command's reply line, as the
+//! server sent it, for scripts: one JSON document per run (the reply of an
+//! authentication step before the command is not printed). All I/O goes
+//! through [`vmm_core::Client`].
+//!
+//! `vmm-client completions SHELL` and `vmm-client man` print a completion
+//! script and the man page, generated from the same clap definition that
+//! parses the arguments; they need no server.
 //!
 //! `vmm-client watch` authenticates, sends `watch`, and then prints change
 //! events as they arrive until SIGINT or SIGTERM.
@@ -14,7 +20,8 @@
 //! SIGTERM.
 //!
 //! The modules, from the top down; each uses only modules named after it:
-//! `main` parses the arguments and dispatches; `agent` is the agent, `shell`
+//! `main` parses the arguments and dispatches; `docs` prints the completion
+//! scripts and the man page; `agent` is the agent, `shell`
 //! the interactive shell and `watch` the one-shot `watch`; `pages` lists a
 //! page at a time; `conn` runs requests over one connection; `input` is the shell's blocking input
 //! thread; `events` prints change events and `render` draws replies as
@@ -28,6 +35,7 @@
 mod agent;
 mod args;
 mod conn;
+mod docs;
 mod events;
 mod failure;
 mod input;
@@ -42,14 +50,15 @@ mod signals;
 mod text;
 mod watch;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::args::{Resize, parse_resize, parse_secs, unless_zero};
+use crate::args::{Resize, parse_addr, parse_resize, parse_secs, unless_zero};
 use crate::conn::Conn;
 use crate::failure::Failure;
 use crate::op::Op;
@@ -61,7 +70,9 @@ Command-line client and interactive shell for the vmm server.
 
 With a subcommand, runs that one command and exits. Commands that need a
 session (list, update, logout, watch) authenticate first on the same
-connection.
+connection. With --json, stdout gets one JSON line per run: the command's
+reply as the server sent it (an error reply too), never the reply of the
+authentication before it, and never a session token.
 Passwords come from --password-stdin, else $VMM_PASSWORD, else a prompt
 without echo on the terminal; never from a command-line argument.
 
@@ -82,7 +93,11 @@ the same events on and off between commands.
 `agent` runs on a VM: it registers the VM (with --ram and --cpu) and
 authenticates, pings every --ping-interval, reconnects with capped
 exponential backoff when the connection is lost, logs each state change to
-stderr, and on SIGINT or SIGTERM logs out and exits 0. See `agent --help`.
+stderr, and on SIGINT or SIGTERM logs out and exits 0. See `help agent`.
+
+`help SUBCOMMAND` (or `SUBCOMMAND --help`) shows a subcommand's help;
+`commands` lists the commands the server understands. `completions SHELL`
+prints a completion script and `man` the man page.
 
 Examples:
   vmm-client ping
@@ -93,11 +108,14 @@ Examples:
   vmm-client update --vm-id stalin --ram 2048 --cpu 8 --disk 1=150 --new-disk 50
   echo securePass123 | vmm-client --json logout --vm-id stalin --password-stdin
   vmm-client send '{\"command\": \"ping\", \"id\": 1}'
+  vmm-client commands
   VMM_PASSWORD=securePass123 vmm-client watch --vm-id stalin --topics vms,sessions
-  vmm-client --addr 10.0.0.5:8888 --keepalive 10
+  vmm-client --addr 10.0.0.5 --keepalive 10
   printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client
   VMM_PASSWORD=securePass123 vmm-client agent --vm-id stalin --ram 512 --cpu 4 --disk 100
-  vmm-client agent --vm-id stalin --password-file /etc/vmm/password";
+  vmm-client agent --vm-id stalin --password-file /etc/vmm/password
+  vmm-client completions bash > ~/.local/share/bash-completion/completions/vmm-client
+  vmm-client man > ~/.local/share/man/man1/vmm-client.1";
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -115,20 +133,24 @@ some commands got error replies; only a lost connection makes it exit 3.";
     version,
     about = ABOUT,
     long_about = LONG_ABOUT,
-    after_help = EXIT_CODES,
-    disable_help_subcommand = true
+    after_help = EXIT_CODES
 )]
 struct Cli {
-    /// Server address (host:port).
+    /// Server address: HOST[:PORT], the port 8888 if none; an IPv6 address
+    /// goes in brackets ([::1]:8888).
     #[arg(
         long,
         env = "VMM_ADDR",
         default_value = "127.0.0.1:8888",
+        value_name = "HOST[:PORT]",
+        value_parser = parse_addr,
         global = true
     )]
     addr: String,
 
-    /// Print the server's reply lines verbatim, one per line, instead of tables.
+    /// Print replies as the server sent them, one JSON line each, instead of
+    /// tables: a one-shot command prints one, its own (never the reply of
+    /// the authentication before it, nor a session token).
     #[arg(long, global = true)]
     json: bool,
 
@@ -177,9 +199,25 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// Who to authenticate as, and where the password comes from.
+/// The VM a command is about, and where its password comes from. The VM
+/// is required by clap itself, so that it is reported with every other
+/// missing argument in one error.
 #[derive(Debug, Args)]
 struct Login {
+    /// The VM's id.
+    #[arg(long, env = "VMM_VM_ID")]
+    vm_id: String,
+
+    /// Read the password from the first line of stdin (instead of $VMM_PASSWORD or a prompt).
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+/// Like [`Login`], for the commands an operator runs too (`list`, `watch`):
+/// with --admin there is no VM to name. [`parse`] makes `--vm-id` required
+/// without --admin.
+#[derive(Debug, Args)]
+struct LoginUnlessAdmin {
     /// The VM's id (not needed with --admin).
     #[arg(long, env = "VMM_VM_ID")]
     vm_id: Option<String>,
@@ -189,12 +227,16 @@ struct Login {
     password_stdin: bool,
 }
 
-impl Login {
-    /// The VM's id, which every command but an operator's needs.
-    fn vm(&self) -> Result<String, Failure> {
-        self.vm_id
-            .clone()
-            .ok_or_else(|| Failure::Usage("--vm-id is required (or $VMM_VM_ID)".into()))
+impl LoginUnlessAdmin {
+    /// The login as a VM, which is what the command does without --admin.
+    fn vm(self) -> Result<Login, Failure> {
+        let vm_id = self
+            .vm_id
+            .ok_or_else(|| Failure::Usage("--vm-id is required (or $VMM_VM_ID)".into()))?;
+        Ok(Login {
+            vm_id,
+            password_stdin: self.password_stdin,
+        })
     }
 }
 
@@ -204,42 +246,42 @@ enum Command {
     Client(ClientCommand),
 
     /// Run on a VM: stay registered and authenticated, reconnecting as needed.
-    #[command(long_about = AGENT_ABOUT, after_help = AGENT_AFTER_HELP)]
+    #[command(long_about = agent::long_about(), after_help = agent::after_help())]
     Agent(agent::AgentArgs),
+
+    /// Print a shell completion script for vmm-client.
+    #[command(long_about = COMPLETIONS_ABOUT)]
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print vmm-client's man page (roff).
+    #[command(long_about = MAN_ABOUT)]
+    Man,
 }
 
-const AGENT_ABOUT: &str = "\
-Run on a VM: stay registered and authenticated, reconnecting as needed.
+const COMPLETIONS_ABOUT: &str = "\
+Print a shell completion script for vmm-client on stdout.
 
-On each connection: with --ram and --cpu, send `register` first (a VM that
-exists already is fine); then `authenticate`. While connected, ping every
---ping-interval. When the connection is lost (cannot connect, closed, I/O
-error, no reply within 10 s, or the server answers `unavailable`), wait and
-reconnect: the n-th failed attempt in a row (n = 0, 1, ...) waits a random
-time between step/2 and step, where step = min(--backoff-max,
---backoff-initial * 2^n) (equal jitter); a successful authentication starts
-the backoff over.
+Install it where the shell looks for completions, e.g.:
+  bash:  vmm-client completions bash > ~/.local/share/bash-completion/completions/vmm-client
+  zsh:   vmm-client completions zsh > ~/.zfunc/_vmm-client
+         (with `fpath+=~/.zfunc; autoload -U compinit; compinit` in ~/.zshrc)
+  fish:  vmm-client completions fish > ~/.config/fish/completions/vmm-client.fish
+  elvish, in ~/.config/elvish/rc.elv:
+         eval (vmm-client completions elvish | slurp)
+  powershell, in $PROFILE:
+         vmm-client completions powershell | Out-String | Invoke-Expression";
 
-The password comes from --password-file (its first line), else
-$VMM_PASSWORD; never from the command line, and it is never logged. Each
-state change is logged to stderr as one line: an RFC 3339 UTC time,
-`agent VM_ID:`, and what happened.
+const MAN_ABOUT: &str = "\
+Print vmm-client's man page (roff) on stdout.
 
-On SIGINT or SIGTERM: when authenticated, send `logout` (waiting at most
-2 s for the reply); then exit 0.";
-
-const AGENT_AFTER_HELP: &str = "\
-Examples:
-  VMM_PASSWORD=securePass123 vmm-client agent --vm-id stalin --ram 512 --cpu 4 --disk 100
-  vmm-client --addr 10.0.0.5:8888 agent --vm-id stalin --password-file /etc/vmm/password
-
-Exit codes:
-  0  stopped by SIGINT or SIGTERM
-  1  a failure retrying cannot fix: wrong password, or a VM that does not
-     exist without --ram/--cpu (invalid_credentials), a registration the
-     server rejects (invalid_params), or any other error reply that is not
-     `unavailable`, `server_busy` or `internal`
-  2  usage error: bad arguments, or no password";
+Install it where man looks, e.g.:
+  mkdir -p ~/.local/share/man/man1
+  vmm-client man > ~/.local/share/man/man1/vmm-client.1
+  man vmm-client";
 
 #[derive(Debug, Subcommand)]
 enum ClientCommand {
@@ -247,6 +289,7 @@ enum ClientCommand {
     Ping,
 
     /// Register a new VM with its disks.
+    #[command(long_about = REGISTER_ABOUT)]
     Register {
         #[command(flatten)]
         login: Login,
@@ -262,6 +305,11 @@ enum ClientCommand {
         /// A disk's size in GiB; repeat for more disks.
         #[arg(long = "disk", value_name = "GIB")]
         disks: Vec<u32>,
+
+        /// Read the server's enrollment secret from PATH (its trailing
+        /// newline dropped) instead of $VMM_REGISTRATION_SECRET; not both.
+        #[arg(long, value_name = "PATH")]
+        registration_secret_file: Option<PathBuf>,
     },
 
     /// Check a VM's credentials and show the VM.
@@ -278,7 +326,7 @@ enum ClientCommand {
         kind: ListKind,
 
         #[command(flatten)]
-        login: Login,
+        login: LoginUnlessAdmin,
 
         #[command(flatten)]
         paging: Paging,
@@ -322,7 +370,7 @@ enum ClientCommand {
     #[command(long_about = WATCH_ABOUT)]
     Watch {
         #[command(flatten)]
-        login: Login,
+        login: LoginUnlessAdmin,
 
         /// Only these topics, comma-separated (default: all of them).
         #[arg(long, value_enum, value_delimiter = ',', value_name = "TOPIC,...")]
@@ -352,9 +400,18 @@ enum ClientCommand {
         text: String,
     },
 
-    /// Show the commands the server understands.
-    Help,
+    /// List the commands the server understands (its `help` command).
+    Commands,
 }
+
+const REGISTER_ABOUT: &str = "\
+Register a new VM with its disks.
+
+The VM's password comes from --password-stdin (one line of stdin), else
+$VMM_PASSWORD, else a prompt without echo on the terminal. A server that
+requires an enrollment secret gets it from $VMM_REGISTRATION_SECRET, or from
+the file named by --registration-secret-file (not both); never from the
+command line.";
 
 const LIST_ABOUT: &str = "\
 List open connections, authenticated connections, all VMs or all disks.
@@ -389,8 +446,9 @@ struct Paging {
 const WATCH_ABOUT: &str = "\
 Print change events as they happen, until SIGINT or SIGTERM.
 
-Authenticates as --vm-id, sends `watch`, then prints each event on one line
-as it arrives, flushing stdout after each:
+Authenticates as --vm-id (with --admin: opens an operator session), sends
+`watch`, then prints each event on one line as it arrives, flushing stdout
+after each:
 
   18:40:00.123 vm_updated stalin ram=1024 cpu=4 disks=1:150G,2:250G
   18:40:01.002 session_authenticated stalin session=4294967298 peer=127.0.0.1:50000
@@ -398,8 +456,8 @@ as it arrives, flushing stdout after each:
   18:40:09.000 instance_lost instance=3 name=host:8888
 
 The time is the event's, in UTC; `-` is a connection not authenticated as
-any VM; an unknown event shows its name and data. With --json: the
-authenticate and watch reply lines, then each event line verbatim. Events
+any VM; an unknown event shows its name and data. With --json: the watch
+reply line (not the authenticate one), then each event line verbatim. Events
 come from changes made through any server instance, in the order they
 happened. A ping is sent whenever nothing was sent for --keepalive seconds,
 so that the server does not close the idle connection.
@@ -461,9 +519,49 @@ impl From<ListKind> for ListType {
     }
 }
 
+/// The subcommands whose `--vm-id` is required unless --admin is given.
+const VM_UNLESS_ADMIN: [&str; 2] = ["list", "watch"];
+
+/// Parses `args` (the program's name first), reporting every missing
+/// argument in one error. `required_unless_present = "admin"` cannot say
+/// that `list` and `watch` need `--vm-id` without --admin: a global flag
+/// given before the subcommand reaches it only after the subcommand has been
+/// checked. So a first pass that ignores errors finds out whether --admin
+/// was given, and the real pass requires `--vm-id` (or $VMM_VM_ID) when it
+/// was not.
+fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let admin = Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(&args)
+        .ok()
+        .and_then(|matches| matches.try_get_one::<bool>("admin").ok().flatten().copied())
+        .unwrap_or(false);
+    let mut command = Cli::command();
+    if !admin {
+        for name in VM_UNLESS_ADMIN {
+            command =
+                command.mut_subcommand(name, |sub| sub.mut_arg("vm_id", |arg| arg.required(true)));
+        }
+    }
+    let matches = command.try_get_matches_from(&args)?;
+    Cli::from_arg_matches(&matches).map_err(|err| err.format(&mut Cli::command()))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse(std::env::args_os()).unwrap_or_else(|err| err.exit());
+    let command = match cli.command {
+        Some(Command::Completions { shell }) => {
+            return exit(docs::completions(shell, Cli::command()));
+        }
+        Some(Command::Man) => return exit(docs::man(Cli::command())),
+        command => command,
+    };
     let tls = conn::TlsOptions {
         tls: cli.tls,
         ca_cert: cli.ca_cert,
@@ -475,14 +573,20 @@ async fn main() -> ExitCode {
         eprintln!("error: {failure}");
         return ExitCode::from(failure.exit_code());
     }
-    let result = match cli.command {
+    let result = match command {
         None => shell::run(&cli.addr, cli.json, unless_zero(cli.keepalive)).await,
         Some(Command::Agent(args)) => return agent::run(&cli.addr, args).await,
         Some(Command::Client(command)) => {
             let keepalive = unless_zero(cli.keepalive);
             one_shot(&cli.addr, cli.json, cli.admin, keepalive, command).await
         }
+        Some(Command::Completions { .. } | Command::Man) => Ok(()),
     };
+    exit(result)
+}
+
+/// The exit code of a run, after printing why it failed.
+fn exit(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -502,29 +606,33 @@ async fn one_shot(
 ) -> Result<(), Failure> {
     match command {
         ClientCommand::Ping => simple(addr, json, Op::Ping).await,
-        ClientCommand::Help => simple(addr, json, Op::Help).await,
+        ClientCommand::Commands => simple(addr, json, Op::Help).await,
         ClientCommand::Register {
             login,
             ram,
             cpu,
             disks,
+            registration_secret_file,
         } => {
-            let vm_id = login.vm()?;
-            let password = password::obtain_async(login.password_stdin, &vm_id).await?;
+            let registration_secret =
+                secrets::registration_secret_from(registration_secret_file.as_deref())?;
+            let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
             let registration = Registration {
-                vm_id,
+                vm_id: login.vm_id,
                 ram,
                 cpu,
                 password,
                 disks,
-                registration_secret: secrets::registration_secret(),
+                registration_secret,
             };
             simple(addr, json, Op::Register(registration)).await
         }
         ClientCommand::Authenticate { login } => {
-            let vm_id = login.vm()?;
-            let password = password::obtain_async(login.password_stdin, &vm_id).await?;
-            let op = Op::Authenticate { vm_id, password };
+            let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
+            let op = Op::Authenticate {
+                vm_id: login.vm_id,
+                password,
+            };
             simple(addr, json, op).await
         }
         ClientCommand::List {
@@ -535,7 +643,7 @@ async fn one_shot(
             let mut conn = if admin {
                 operator(addr, json).await?
             } else {
-                logged_in(addr, json, login).await?
+                logged_in(addr, json, login.vm()?).await?
             };
             let kind = kind.into();
             if paging.all_pages {
@@ -583,8 +691,9 @@ async fn one_shot(
                     admin_token: secrets::admin_token()?,
                 }
             } else {
+                let login = login.vm()?;
                 watch::Who::Vm {
-                    vm_id: login.vm()?,
+                    vm_id: login.vm_id,
                     password_stdin: login.password_stdin,
                 }
             };
@@ -628,10 +737,9 @@ async fn as_operator(addr: &str, json: bool, op: Op) -> Result<(), Failure> {
 /// A connection authenticated as `login` (the password is found before
 /// connecting, so that a missing one costs no connection).
 async fn logged_in(addr: &str, json: bool, login: Login) -> Result<Conn, Failure> {
-    let vm_id = login.vm()?;
-    let password = password::obtain_async(login.password_stdin, &vm_id).await?;
+    let password = password::obtain_async(login.password_stdin, &login.vm_id).await?;
     let mut conn = Conn::connect(addr, json).await?;
-    conn.login(&vm_id, password).await?;
+    conn.login(&login.vm_id, password).await?;
     Ok(conn)
 }
 
@@ -646,7 +754,6 @@ async fn operator(addr: &str, json: bool) -> Result<Conn, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn the_cli_is_consistent() {
@@ -691,6 +798,52 @@ mod tests {
         assert!(!parse(&["--limit", "0"]));
         assert!(!parse(&["--limit", "10001"]));
         assert!(!parse(&["--limit", "-1"]));
+    }
+
+    #[test]
+    fn an_address_without_a_port_gets_8888() {
+        let addr = |given: &str| parse(["vmm-client", "--addr", given, "ping"]).map(|cli| cli.addr);
+        assert_eq!(addr("127.0.0.1").ok().as_deref(), Some("127.0.0.1:8888"));
+        assert_eq!(
+            addr("vmm.internal").ok().as_deref(),
+            Some("vmm.internal:8888")
+        );
+        assert_eq!(addr("[::1]").ok().as_deref(), Some("[::1]:8888"));
+        assert_eq!(addr("[::1]:9000").ok().as_deref(), Some("[::1]:9000"));
+        let bad = addr("127.0.0.1:http");
+        assert_eq!(
+            bad.map_err(|err| err.kind()).err(),
+            Some(clap::error::ErrorKind::ValueValidation)
+        );
+    }
+
+    #[test]
+    fn an_operator_names_no_vm_wherever_admin_is_given() {
+        for args in [
+            &["vmm-client", "--admin", "list", "all"][..],
+            &["vmm-client", "list", "--admin", "all"][..],
+            &["vmm-client", "list", "all", "--admin"][..],
+            &["vmm-client", "--admin", "watch", "--topics", "vms"][..],
+            &["vmm-client", "watch", "--admin"][..],
+        ] {
+            let parsed = parse(args);
+            assert!(
+                parsed.as_ref().is_ok_and(|cli| cli.admin),
+                "{args:?}: {parsed:?}"
+            );
+        }
+        assert!(parse(["vmm-client", "list", "all", "--vm-id", "a"]).is_ok());
+    }
+
+    #[test]
+    fn help_is_a_subcommand_again() {
+        let err = parse(["vmm-client", "help", "register"]).err();
+        assert_eq!(
+            err.as_ref().map(clap::Error::kind),
+            Some(clap::error::ErrorKind::DisplayHelp)
+        );
+        let help = err.map(|err| err.to_string()).unwrap_or_default();
+        assert!(help.contains("--registration-secret-file"), "{help}");
     }
 
     #[test]

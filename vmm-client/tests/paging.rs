@@ -159,12 +159,12 @@ async fn limit_prints_a_page_and_after_continues_from_its_hint() {
     let run = client(addr, &args, None).await;
     succeeded(&run);
     let lines = json_lines(&run.stdout);
-    assert_eq!(lines.len(), 2, "authenticate's line, then the page's");
+    assert_eq!(lines.len(), 1, "the page's line, not authenticate's");
     assert_eq!(
-        lines[1]["data"]["all_vms"].as_array().map(Vec::len),
+        lines[0]["data"]["all_vms"].as_array().map(Vec::len),
         Some(2)
     );
-    assert_eq!(lines[1]["data"]["next"], first.as_str());
+    assert_eq!(lines[0]["data"]["next"], first.as_str());
     assert_eq!(hint(&run.stderr).as_deref(), Some(first.as_str()));
 
     // No paging flags: the whole list, no hint.
@@ -237,13 +237,13 @@ async fn all_pages_prints_every_entry_exactly_once() {
         let run = client(addr, &args, None).await;
         succeeded(&run);
         let lines = json_lines(&run.stdout);
-        assert_eq!(lines.len(), 2, "{kind}: {}", run.stdout);
-        let paged = &lines[1];
+        assert_eq!(lines.len(), 1, "{kind}: {}", run.stdout);
+        let paged = &lines[0];
         assert_eq!(paged["status"], "success");
         assert_eq!(paged["message"], format!("{entries} {key}"));
         assert_eq!(paged["data"][key].as_array().map(Vec::len), Some(entries));
-        assert_eq!(paged["data"], unpaged[1]["data"], "{kind}");
-        assert_eq!(paged["message"], unpaged[1]["message"], "{kind}");
+        assert_eq!(paged["data"], unpaged[0]["data"], "{kind}");
+        assert_eq!(paged["message"], unpaged[0]["message"], "{kind}");
     }
     let args = [
         "--admin",
@@ -255,7 +255,7 @@ async fn all_pages_prints_every_entry_exactly_once() {
         "3",
     ];
     let lines = json_lines(&client(addr, &args, None).await.stdout);
-    let ids: Vec<i64> = lines[1]["data"]["all_disks"]
+    let ids: Vec<i64> = lines[0]["data"]["all_disks"]
         .as_array()
         .unwrap()
         .iter()
@@ -298,8 +298,8 @@ async fn all_pages_prints_every_entry_exactly_once() {
     let run = client(addr, &args, None).await;
     assert_eq!(run.code, 1, "{}", run.stderr);
     let lines = json_lines(&run.stdout);
-    assert_eq!(lines.len(), 2, "{}", run.stdout);
-    assert_eq!(lines[1]["code"], "invalid_params");
+    assert_eq!(lines.len(), 1, "{}", run.stdout);
+    assert_eq!(lines[0]["code"], "invalid_params");
 }
 
 #[tokio::test]
