@@ -192,6 +192,7 @@ vm1
 100
 
 secretpass1
+secretpass1
 authenticate vm1
 secretpass1
 list_active
