@@ -140,6 +140,10 @@ pub struct Conn {
     events: EventPrinter,
     /// When a request was last sent: the start of the current idle time.
     last_sent: Instant,
+    /// Events that come while replies are awaited are kept for
+    /// [`Conn::take_events`] instead of being printed (`list --watch`,
+    /// which reads them rather than shows them).
+    holding: bool,
 }
 
 impl Conn {
@@ -156,6 +160,7 @@ impl Conn {
             json,
             events: EventPrinter::new(json),
             last_sent: Instant::now(),
+            holding: false,
         })
     }
 
@@ -168,8 +173,29 @@ impl Conn {
         self.events.use_terminal(printer);
     }
 
-    /// Prints the events that came while replies were awaited.
+    /// From now on, keeps the events that come while replies are awaited
+    /// for [`Conn::take_events`] rather than printing them.
+    pub fn hold_events(&mut self) {
+        self.holding = true;
+    }
+
+    /// The events kept since the last call (see [`Conn::hold_events`]).
+    pub fn take_events(&mut self) -> Vec<String> {
+        self.client.take_events()
+    }
+
+    /// Waits for the next event line (after `watch`) and returns it. Only
+    /// for when no request is pending; cancel safe.
+    pub async fn next_event(&mut self) -> Result<String, Failure> {
+        self.client.next_event().await.map_err(|err| self.lost(err))
+    }
+
+    /// Prints the events that came while replies were awaited (unless they
+    /// are held).
     pub fn show_events(&mut self) {
+        if self.holding {
+            return;
+        }
         for line in self.client.take_events() {
             self.events.print(&line);
         }
@@ -263,6 +289,13 @@ impl Conn {
     /// authenticate reply carries a session token. A refusal ends the run,
     /// so with `--json` its error reply is that document.
     pub async fn authenticate(&mut self, op: &Op) -> Result<Reply, Failure> {
+        self.exchange(op, Step::Before).await
+    }
+
+    /// Runs a request that prepares for the command proper (`watch` before
+    /// `list --watch`), printing like [`Conn::authenticate`]: nothing when
+    /// it succeeds.
+    pub async fn prepare(&mut self, op: &Op) -> Result<Reply, Failure> {
         self.exchange(op, Step::Before).await
     }
 

@@ -2,9 +2,17 @@
 //! (rustyline, rpassword, a pipe) never stall the async runtime.
 //!
 //! On a terminal, lines come from rustyline (editing, history in
-//! `$HOME/.vmm_history`) and passwords from rpassword (no echo). Otherwise
-//! lines are read plainly from stdin, no prompt is printed, and a password is
-//! simply the next line.
+//! `$VMM_HISTORY`, by default `$HOME/.vmm_history`) and passwords from
+//! rpassword (no echo). Otherwise lines are read plainly from stdin, no
+//! prompt is printed, a password is simply the next line, and there is no
+//! history.
+//!
+//! The history is a file that outlives the session, so what goes into it is
+//! the shell's decision, not the line editor's: only command lines (never
+//! answers, never passwords), and of those only the ones the shell's
+//! `remember` accepts (see [`Input::start`]). Lines it would refuse are also
+//! dropped from a history file when it is loaded, so that one written before
+//! that rule existed is cleaned on the next save.
 //!
 //! On a terminal the line editor also provides a printer for what arrives
 //! while a line is being edited (change events after `watch`): it prints
@@ -20,6 +28,7 @@ use std::thread;
 
 use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
+use rustyline::history::History;
 use tokio::sync::oneshot;
 
 use crate::out::Printer;
@@ -28,7 +37,8 @@ use crate::text::chomp;
 /// What the shell asks the input thread for.
 #[derive(Debug)]
 enum Ask {
-    /// A command line; goes into the history.
+    /// A command line; goes into the history if the shell's `remember`
+    /// accepts it.
     Command(String),
     /// The answer to a question (not kept in the history).
     Answer(String),
@@ -68,16 +78,20 @@ impl std::fmt::Debug for Input {
     }
 }
 
+/// Whether a command line may be kept in the history file.
+pub type Remember = fn(&str) -> bool;
+
 impl Input {
     /// Starts the input thread: interactive when stdin is a terminal.
-    pub fn start() -> Input {
+    /// `remember` decides which command lines are kept in the history.
+    pub fn start(remember: Remember) -> Input {
         let interactive = io::stdin().is_terminal();
         let (asks, receiver) = mpsc::channel::<(Ask, Reply)>();
         let (printer_sender, printer) = mpsc::channel::<Option<Printer>>();
         let rows = Arc::new(AtomicU16::new(0));
         let seen = Arc::clone(&rows);
         let thread = thread::spawn(move || {
-            let mut source = Source::new(interactive);
+            let mut source = Source::new(interactive, remember);
             seen.store(source.rows(), Ordering::Relaxed);
             let _ = printer_sender.send(source.printer());
             while let Ok((ask, reply)) = receiver.recv() {
@@ -150,29 +164,60 @@ impl Input {
 }
 
 enum Source {
-    /// `None` when rustyline could not be set up; plain reads are used then.
-    Terminal(Option<Box<DefaultEditor>>, Option<PathBuf>),
+    Terminal(Terminal),
     Piped(io::StdinLock<'static>),
 }
 
+struct Terminal {
+    /// `None` when rustyline could not be set up; plain reads are used then.
+    editor: Option<Box<DefaultEditor>>,
+    /// The history file, if any.
+    history: Option<PathBuf>,
+    remember: Remember,
+    /// Entries were dropped from the loaded history: it must be written
+    /// back even if nothing was added.
+    scrubbed: bool,
+}
+
+/// The history file: `$VMM_HISTORY` (empty: none), else
+/// `$HOME/.vmm_history`.
+fn history_path() -> Option<PathBuf> {
+    match std::env::var_os("VMM_HISTORY") {
+        Some(path) if path.is_empty() => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".vmm_history")),
+    }
+}
+
 impl Source {
-    fn new(interactive: bool) -> Source {
+    fn new(interactive: bool, remember: Remember) -> Source {
         if !interactive {
             return Source::Piped(io::stdin().lock());
         }
-        let history = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".vmm_history"));
+        let history = history_path();
+        let mut scrubbed = false;
         let editor = DefaultEditor::new().ok().map(|mut editor| {
-            if let Some(path) = &history {
-                let _ = editor.load_history(path);
+            if let Some(path) = &history
+                && editor.load_history(path).is_ok()
+            {
+                scrubbed = scrub(&mut editor, remember);
             }
             Box::new(editor)
         });
-        Source::Terminal(editor, history)
+        Source::Terminal(Terminal {
+            editor,
+            history,
+            remember,
+            scrubbed,
+        })
     }
 
     fn printer(&mut self) -> Option<Printer> {
         match self {
-            Source::Terminal(Some(editor), _) => editor
+            Source::Terminal(Terminal {
+                editor: Some(editor),
+                ..
+            }) => editor
                 .create_external_printer()
                 .ok()
                 .map(|printer| Box::new(printer) as Printer),
@@ -184,7 +229,10 @@ impl Source {
     /// size (a fresh pseudo-terminal) reads as `u16::MAX`: unknown too.
     fn rows(&mut self) -> u16 {
         match self {
-            Source::Terminal(Some(editor), _) => editor
+            Source::Terminal(Terminal {
+                editor: Some(editor),
+                ..
+            }) => editor
                 .dimensions()
                 .map_or(0, |(_, rows)| if rows == u16::MAX { 0 } else { rows }),
             _ => 0,
@@ -194,7 +242,9 @@ impl Source {
     fn read(&mut self, ask: Ask) -> io::Result<Read> {
         match self {
             Source::Piped(stdin) => plain_line(stdin),
-            Source::Terminal(editor, _) => match ask {
+            Source::Terminal(Terminal {
+                editor, remember, ..
+            }) => match ask {
                 Ask::Password(prompt) => match rpassword::prompt_password(prompt) {
                     Ok(password) => Ok(Read::Line(password)),
                     Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => Ok(Read::Eof),
@@ -205,18 +255,47 @@ impl Source {
                     eprint!("{prompt}");
                     plain_line(&mut io::stdin().lock())
                 }
-                Ask::Command(prompt) => edited_line(editor, &prompt, true),
-                Ask::Answer(prompt) => edited_line(editor, &prompt, false),
+                Ask::Command(prompt) => edited_line(editor, &prompt, Some(*remember)),
+                Ask::Answer(prompt) => edited_line(editor, &prompt, None),
             },
         }
     }
 
     fn finish(self) {
-        if let Source::Terminal(Some(mut editor), Some(path)) = self {
-            // Not being able to save the history is no reason to complain.
+        let Source::Terminal(Terminal {
+            editor: Some(mut editor),
+            history: Some(path),
+            scrubbed,
+            ..
+        }) = self
+        else {
+            return;
+        };
+        // Not being able to save the history is no reason to complain.
+        if scrubbed && editor.history().is_empty() {
+            // rustyline writes nothing for an empty history; the file
+            // still holds what was dropped from it.
+            let _ = std::fs::write(&path, "");
+        } else {
             let _ = editor.save_history(&path);
         }
     }
+}
+
+/// Drops the loaded history's entries that `remember` refuses; whether
+/// there were any. The others are added again, which also makes rustyline
+/// count them as new, so that the file is rewritten on save.
+fn scrub(editor: &mut DefaultEditor, remember: Remember) -> bool {
+    let entries: Vec<String> = editor.history().iter().cloned().collect();
+    let kept: Vec<&String> = entries.iter().filter(|line| remember(line)).collect();
+    if kept.len() == entries.len() {
+        return false;
+    }
+    let _ = editor.clear_history();
+    for line in kept {
+        let _ = editor.add_history_entry(line.as_str());
+    }
+    true
 }
 
 fn plain_line(stdin: &mut impl BufRead) -> io::Result<Read> {
@@ -227,17 +306,19 @@ fn plain_line(stdin: &mut impl BufRead) -> io::Result<Read> {
     Ok(Read::Line(chomp(line)))
 }
 
+/// A line from the line editor; kept in the history when `remember` is
+/// given and accepts it.
 fn edited_line(
     editor: &mut Option<Box<DefaultEditor>>,
     prompt: &str,
-    remember: bool,
+    remember: Option<Remember>,
 ) -> io::Result<Read> {
     let Some(editor) = editor else {
         return plain_line(&mut io::stdin().lock());
     };
     match editor.readline(prompt) {
         Ok(line) => {
-            if remember && !line.trim().is_empty() {
+            if remember.is_some_and(|remember| !line.trim().is_empty() && remember(&line)) {
                 let _ = editor.add_history_entry(line.as_str());
             }
             Ok(Read::Line(line))

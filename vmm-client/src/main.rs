@@ -21,8 +21,9 @@
 //!
 //! The modules, from the top down; each uses only modules named after it:
 //! `main` parses the arguments and dispatches; `docs` prints the completion
-//! scripts and the man page; `agent` is the agent, `shell`
-//! the interactive shell and `watch` the one-shot `watch`; `pages` lists a
+//! scripts and the man page; `agent` is the agent, `shell` the interactive
+//! shell, `watch` the one-shot `watch` and `list_watch` `list --watch`;
+//! `pages` lists a
 //! page at a time; `conn` runs requests over one connection; `input` is the shell's blocking input
 //! thread; `events` prints change events and `render` draws replies as
 //! tables; `password` finds a one-shot command's password and `secrets` the
@@ -39,6 +40,7 @@ mod docs;
 mod events;
 mod failure;
 mod input;
+mod list_watch;
 mod op;
 mod out;
 mod pages;
@@ -330,6 +332,11 @@ enum ClientCommand {
 
         #[command(flatten)]
         paging: Paging,
+
+        /// Keep the list current until Ctrl-C: redrawn in place on a
+        /// terminal, else a line per change (ADDED, MODIFIED, DELETED).
+        #[arg(long, conflicts_with_all = ["limit", "after", "all_pages"])]
+        watch: bool,
     },
 
     /// Change the VM's RAM, CPUs and disks (at least one change is needed).
@@ -596,7 +603,8 @@ fn exit(result: Result<(), Failure>) -> ExitCode {
     }
 }
 
-/// Runs a subcommand other than `agent`; `keepalive` is for `watch`.
+/// Runs a subcommand other than `agent`; `keepalive` is for `watch` and
+/// `list --watch`.
 async fn one_shot(
     addr: &str,
     json: bool,
@@ -639,6 +647,7 @@ async fn one_shot(
             kind,
             login,
             paging,
+            watch,
         } => {
             let mut conn = if admin {
                 operator(addr, json).await?
@@ -646,6 +655,9 @@ async fn one_shot(
                 logged_in(addr, json, login.vm()?).await?
             };
             let kind = kind.into();
+            if watch {
+                return list_watch::run(conn, json, keepalive, kind).await;
+            }
             if paging.all_pages {
                 let size = paging.limit.unwrap_or(pages::DEFAULT_PAGE);
                 pages::all(&mut conn, json, kind, size, paging.after).await
@@ -798,6 +810,9 @@ mod tests {
         assert!(!parse(&["--limit", "0"]));
         assert!(!parse(&["--limit", "10001"]));
         assert!(!parse(&["--limit", "-1"]));
+        assert!(parse(&["--watch"]));
+        assert!(!parse(&["--watch", "--all-pages"]));
+        assert!(!parse(&["--watch", "--limit", "5"]));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What people see: a message line for simple successes, aligned tables for
 //! VMs and lists.
 
-use comfy_table::{CellAlignment, Table, presets};
+use comfy_table::{CellAlignment, LineStyle, Table, TableStyle, presets};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use vmm_core::Reply;
@@ -39,14 +39,139 @@ pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
 /// without a row count: a list printed a page at a time counts its rows
 /// once, at the end.
 pub fn list_table(kind: ListType, entries: Value) -> Result<Table, String> {
-    fn decode<T: DeserializeOwned>(kind: ListType, entries: Value) -> Result<T, String> {
+    let columns = list_columns(kind);
+    let mut table = table(columns.headers, columns.right);
+    for row in list_rows(kind, entries, ", ")? {
+        table.add_row(row);
+    }
+    Ok(table)
+}
+
+/// A list's columns: their headers, the names of their fields in one-line
+/// forms (`list --watch`), and which ones are right-aligned. One place for
+/// all three, so that a table and a line about the same entry name the same
+/// columns in the same order.
+#[derive(Debug, Clone, Copy)]
+pub struct Columns {
+    pub headers: &'static [&'static str],
+    pub fields: &'static [&'static str],
+    right: &'static [usize],
+}
+
+pub fn list_columns(kind: ListType) -> Columns {
+    match kind {
+        ListType::ActiveVms => Columns {
+            headers: &["session", "peer", "vm_id", "authenticated", "connected_at"],
+            fields: &["session", "peer", "vm_id", "authenticated", "connected_at"],
+            right: &[0],
+        },
+        ListType::AuthenticatedVms => Columns {
+            headers: &[
+                "session",
+                "vm_id",
+                "peer",
+                "ram (MiB)",
+                "cpu",
+                "disks",
+                "authenticated_at",
+            ],
+            fields: &[
+                "session",
+                "vm_id",
+                "peer",
+                "ram",
+                "cpu",
+                "disks",
+                "authenticated_at",
+            ],
+            right: &[0, 3, 4],
+        },
+        ListType::AllVms => Columns {
+            headers: &[
+                "vm_id",
+                "ram (MiB)",
+                "cpu",
+                "disks",
+                "connected",
+                "authenticated",
+                "last_seen_at",
+            ],
+            fields: &[
+                "vm_id",
+                "ram",
+                "cpu",
+                "disks",
+                "connected",
+                "authenticated",
+                "last_seen_at",
+            ],
+            right: &[1, 2],
+        },
+        ListType::AllDisks => Columns {
+            headers: &["id", "size (GiB)", "vm_id"],
+            fields: &["id", "size", "vm_id"],
+            right: &[0, 1],
+        },
+    }
+}
+
+/// The cells of `entries` (a list of `kind`, as the reply holds it), one
+/// row each, in the order of [`list_columns`]; a VM's disks joined by
+/// `disk_separator`.
+pub fn list_rows(
+    kind: ListType,
+    entries: Value,
+    disk_separator: &str,
+) -> Result<Vec<Vec<String>>, String> {
+    fn decode<T: DeserializeOwned>(kind: ListType, entries: Value) -> Result<Vec<T>, String> {
         serde_json::from_value(entries).map_err(|err| format!("`data.{}`: {err}", kind.as_str()))
     }
+    let disks = |disks: &[DiskView]| disks_joined(disks, disk_separator);
     Ok(match kind {
-        ListType::ActiveVms => active_table(decode(kind, entries)?),
-        ListType::AuthenticatedVms => authenticated_table(decode(kind, entries)?),
-        ListType::AllVms => all_table(decode(kind, entries)?),
-        ListType::AllDisks => disks_table(decode(kind, entries)?),
+        ListType::ActiveVms => decode::<ActiveSession>(kind, entries)?
+            .into_iter()
+            .map(|session| {
+                vec![
+                    session.session_id.to_string(),
+                    session.peer,
+                    session.vm_id.unwrap_or_else(|| "-".to_owned()),
+                    yes_no(session.authenticated).to_owned(),
+                    time(&session.connected_at),
+                ]
+            })
+            .collect(),
+        ListType::AuthenticatedVms => decode::<AuthenticatedSession>(kind, entries)?
+            .into_iter()
+            .map(|session| {
+                vec![
+                    session.session_id.to_string(),
+                    session.vm.vm_id,
+                    session.peer,
+                    session.vm.ram.to_string(),
+                    session.vm.cpu.to_string(),
+                    disks(&session.vm.disks),
+                    time(&session.authenticated_at),
+                ]
+            })
+            .collect(),
+        ListType::AllVms => decode::<VmStatus>(kind, entries)?
+            .into_iter()
+            .map(|vm| {
+                vec![
+                    vm.vm.vm_id,
+                    vm.vm.ram.to_string(),
+                    vm.vm.cpu.to_string(),
+                    disks(&vm.vm.disks),
+                    yes_no(vm.connected).to_owned(),
+                    yes_no(vm.authenticated).to_owned(),
+                    maybe_time(vm.last_seen_at.as_ref()),
+                ]
+            })
+            .collect(),
+        ListType::AllDisks => decode::<DiskEntry>(kind, entries)?
+            .into_iter()
+            .map(|disk| vec![disk.id.to_string(), disk.disk_size.to_string(), disk.vm_id])
+            .collect(),
     })
 }
 
@@ -81,10 +206,16 @@ fn field<T: DeserializeOwned>(reply: &Reply, key: &str) -> Result<T, String> {
     serde_json::from_value(value).map_err(|err| format!("`data.{key}`: {err}"))
 }
 
+/// Every table's look: ASCII borders, and a rule under the header that
+/// shows where the columns meet (`+------+-----+`), like the borders,
+/// rather than one unbroken line across them.
+const STYLE: TableStyle =
+    presets::ASCII_FULL_CONDENSED.header_separator(LineStyle::new('+', '-', '+', '+'));
+
 /// A table with `header`; columns whose index is in `right` are right-aligned.
 fn table(header: &[&str], right: &[usize]) -> Table {
     let mut table = Table::new();
-    table.load_style(presets::ASCII_FULL_CONDENSED);
+    table.load_style(STYLE);
     table.set_header(header.to_vec());
     for &index in right {
         if let Some(column) = table.column_mut(index) {
@@ -119,7 +250,7 @@ fn maybe_time(timestamp: Option<&Timestamp>) -> String {
 }
 
 /// `1:150G, 2:250G`, or `-` for none.
-pub fn disks(disks: &[DiskView]) -> String {
+fn disks(disks: &[DiskView]) -> String {
     disks_joined(disks, ", ")
 }
 
@@ -147,89 +278,6 @@ pub fn vm_table(vm: &VmView) -> Table {
         time(&vm.created_at),
         time(&vm.updated_at),
     ]);
-    table
-}
-
-fn active_table(sessions: Vec<ActiveSession>) -> Table {
-    let mut table = table(
-        &["session", "peer", "vm_id", "authenticated", "connected_at"],
-        &[0],
-    );
-    for session in sessions {
-        table.add_row(vec![
-            session.session_id.to_string(),
-            session.peer,
-            session.vm_id.unwrap_or_else(|| "-".to_owned()),
-            yes_no(session.authenticated).to_owned(),
-            time(&session.connected_at),
-        ]);
-    }
-    table
-}
-
-fn authenticated_table(sessions: Vec<AuthenticatedSession>) -> Table {
-    let mut table = table(
-        &[
-            "session",
-            "vm_id",
-            "peer",
-            "ram (MiB)",
-            "cpu",
-            "disks",
-            "authenticated_at",
-        ],
-        &[0, 3, 4],
-    );
-    for session in sessions {
-        table.add_row(vec![
-            session.session_id.to_string(),
-            session.vm.vm_id,
-            session.peer,
-            session.vm.ram.to_string(),
-            session.vm.cpu.to_string(),
-            disks(&session.vm.disks),
-            time(&session.authenticated_at),
-        ]);
-    }
-    table
-}
-
-fn all_table(vms: Vec<VmStatus>) -> Table {
-    let mut table = table(
-        &[
-            "vm_id",
-            "ram (MiB)",
-            "cpu",
-            "disks",
-            "connected",
-            "authenticated",
-            "last_seen_at",
-        ],
-        &[1, 2],
-    );
-    for vm in vms {
-        table.add_row(vec![
-            vm.vm.vm_id,
-            vm.vm.ram.to_string(),
-            vm.vm.cpu.to_string(),
-            disks(&vm.vm.disks),
-            yes_no(vm.connected).to_owned(),
-            yes_no(vm.authenticated).to_owned(),
-            maybe_time(vm.last_seen_at.as_ref()),
-        ]);
-    }
-    table
-}
-
-fn disks_table(disks: Vec<DiskEntry>) -> Table {
-    let mut table = table(&["id", "size (GiB)", "vm_id"], &[0, 1]);
-    for disk in disks {
-        table.add_row(vec![
-            disk.id.to_string(),
-            disk.disk_size.to_string(),
-            disk.vm_id,
-        ]);
-    }
     table
 }
 
@@ -289,6 +337,50 @@ mod tests {
         let empty = reply(json!({"active_vms": []}));
         let text = super::reply(&list(ListType::ActiveVms), &empty).unwrap();
         assert!(text.ends_with("\n(0 rows)"), "{text}");
+    }
+
+    #[test]
+    fn the_header_rule_shows_where_the_columns_meet() {
+        let entries = json!([
+            {"id": 1, "disk_size": 100, "vm_id": "a"},
+            {"id": 12, "disk_size": 2000, "vm_id": "bb"}
+        ]);
+        let text = list_table(ListType::AllDisks, entries).unwrap().to_string();
+        assert_eq!(
+            text,
+            "\
++----+------------+-------+
+| id | size (GiB) | vm_id |
++----+------------+-------+
+|  1 |        100 | a     |
+| 12 |       2000 | bb    |
++----+------------+-------+"
+        );
+    }
+
+    #[test]
+    fn a_list_entry_has_a_cell_per_column() {
+        let entries = json!([{
+            "vm_id": "stalin", "ram": 512, "cpu": 4,
+            "disks": [{"id": 1, "disk_size": 150}, {"id": 2, "disk_size": 250}],
+            "created_at": "2024-05-01T12:00:00.123456Z",
+            "updated_at": "2024-05-01T12:30:00.000001Z",
+            "connected": true, "authenticated": false, "last_seen_at": null
+        }]);
+        let rows = list_rows(ListType::AllVms, entries, ",").unwrap();
+        assert_eq!(
+            rows,
+            [["stalin", "512", "4", "1:150G,2:250G", "yes", "no", "-"]]
+        );
+        for kind in [
+            ListType::ActiveVms,
+            ListType::AuthenticatedVms,
+            ListType::AllVms,
+            ListType::AllDisks,
+        ] {
+            let columns = list_columns(kind);
+            assert_eq!(columns.headers.len(), columns.fields.len(), "{kind:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,19 @@
 //! The interactive shell: one connection, one command per line, anything a
-//! command lacks asked for. See [`HELP`] for the commands.
+//! command lacks asked for. [`COMMANDS`] is what it accepts: `help` prints
+//! that table, and a line is run only when it names an entry of it, so the
+//! two cannot disagree (an [`Action`] missing from the table is a variant
+//! never built, which the compiler reports).
+//!
+//! Questions are checked as they are answered, against vmm-core's own rules
+//! ([`vmm_core::params`], [`vmm_core::protocol::limits`]): the rule is in the
+//! prompt, and an answer the server would refuse is refused at once and asked
+//! again (up to [`TRIES`] times), rather than after every other question.
+//! `register` asks for the password twice.
+//!
+//! History: on a terminal, command lines go into a history file, which
+//! outlives the session; [`remember`] keeps out every line that holds a
+//! password, token or secret, and every line that is not a command at all
+//! (such as a password typed at the prompt by mistake).
 //!
 //! Keepalive: the server closes connections that send nothing for its idle
 //! timeout, and a person may well sit at the prompt (or at a question of a
@@ -24,12 +38,13 @@
 
 use std::future::Future;
 use std::io::{self, IsTerminal};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde_json::Value;
+use vmm_core::ErrorCode;
 use vmm_core::client::{Registration, Update};
-use vmm_core::protocol::ListType;
+use vmm_core::params;
+use vmm_core::protocol::{ListType, limits};
 
 use crate::args::parse_resize;
 use crate::conn::{Conn, sleep_until};
@@ -38,35 +53,359 @@ use crate::input::{Input, Read};
 use crate::op::Op;
 use crate::{out, pages, secrets};
 
-const HELP: &str = "\
-Shell commands (arguments left out are asked for; passwords are always asked
-for, without echo on a terminal, and read as the next line when piped):
-  ping                                  check that the server answers
-  register [VM_ID RAM CPU [GIB...]]     register a VM: RAM in MiB, disk sizes in GiB
-  authenticate [VM_ID]                  authenticate this connection as a VM
-  list [TYPE]                           list TYPE: active (open connections),
-                                        auth (authenticated ones), all (every
-                                        VM) or disks (every disk); on a
-                                        terminal a page at a time (Enter: next
-                                        page, q: stop)
-  list_active                           list active
-  list_auth                             list auth
-  list_all                              list all
-  list_all_disks                        list disks
-  update_ram [RAM]                      change the RAM (MiB)
-  update_ram_cpu_disks [RAM CPU [CHANGE...]]
-                                        change RAM, CPUs and disks; CHANGE is
-                                        ID=SIZE (resize disk ID) or +SIZE (new
-                                        disk); RAM or CPU `-` leaves it as is
-  logout                                end this connection's authentication
-                                        (and stop watching)
-  watch [TOPIC...]                      print change events as they happen, also
-                                        while waiting for input; TOPIC is vms,
-                                        sessions or disks (default: all)
-  unwatch                               stop printing change events
-  {...}                                 send a raw JSON request, print the reply
-  help                                  this help, then the server's commands
-  quit, exit, Ctrl-D                    leave";
+/// What a command does; [`Shell::execute`] matches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Ping,
+    Register,
+    Authenticate,
+    List,
+    ListActive,
+    ListAuth,
+    ListAll,
+    ListDisks,
+    UpdateRam,
+    Update,
+    Logout,
+    Watch,
+    Unwatch,
+    Raw,
+    Help,
+    Quit,
+}
+
+/// A command of the shell: how it is called, what `help` says of it.
+#[derive(Debug)]
+struct Entry {
+    /// Its name, then its aliases.
+    names: &'static [&'static str],
+    /// Its arguments, as `help` shows them.
+    args: &'static str,
+    /// What it does, a line each.
+    help: &'static [&'static str],
+    action: Action,
+}
+
+/// Every command the shell accepts, in the order `help` lists them. A line
+/// that starts with `{` is [`Action::Raw`], whatever follows.
+const COMMANDS: &[Entry] = &[
+    Entry {
+        names: &["ping"],
+        args: "",
+        help: &["check that the server answers"],
+        action: Action::Ping,
+    },
+    Entry {
+        names: &["register"],
+        args: "[VM_ID RAM CPU [GIB...]]",
+        help: &[
+            "register a VM (RAM in MiB, disk sizes",
+            "in GiB); the password is asked twice;",
+            "sends $VMM_REGISTRATION_SECRET if set",
+        ],
+        action: Action::Register,
+    },
+    Entry {
+        names: &["authenticate"],
+        args: "[VM_ID]",
+        help: &["authenticate this connection as a VM"],
+        action: Action::Authenticate,
+    },
+    Entry {
+        names: &["list"],
+        args: "[TYPE]",
+        help: &[
+            "list TYPE: active (open connections),",
+            "auth (authenticated ones), all (every",
+            "VM) or disks (every disk); on a",
+            "terminal a page at a time (Enter: next",
+            "page, q: stop)",
+        ],
+        action: Action::List,
+    },
+    Entry {
+        names: &["list_active"],
+        args: "",
+        help: &["list active"],
+        action: Action::ListActive,
+    },
+    Entry {
+        names: &["list_auth"],
+        args: "",
+        help: &["list auth"],
+        action: Action::ListAuth,
+    },
+    Entry {
+        names: &["list_all"],
+        args: "",
+        help: &["list all"],
+        action: Action::ListAll,
+    },
+    Entry {
+        names: &["list_all_disks"],
+        args: "",
+        help: &["list disks"],
+        action: Action::ListDisks,
+    },
+    Entry {
+        names: &["update_ram"],
+        args: "[RAM]",
+        help: &["change the RAM (MiB)"],
+        action: Action::UpdateRam,
+    },
+    Entry {
+        names: &["update_ram_cpu_disks"],
+        args: "[RAM CPU [CHANGE...]]",
+        help: &[
+            "change RAM, CPUs and disks; CHANGE is",
+            "ID=SIZE (resize disk ID) or +SIZE (new",
+            "disk); RAM or CPU `-` leaves it as is",
+        ],
+        action: Action::Update,
+    },
+    Entry {
+        names: &["logout"],
+        args: "",
+        help: &[
+            "end this connection's authentication",
+            "(and stop watching)",
+        ],
+        action: Action::Logout,
+    },
+    Entry {
+        names: &["watch"],
+        args: "[TOPIC...]",
+        help: &[
+            "print change events as they happen, also",
+            "while waiting for input; TOPIC is vms,",
+            "sessions or disks (default: all)",
+        ],
+        action: Action::Watch,
+    },
+    Entry {
+        names: &["unwatch"],
+        args: "",
+        help: &["stop printing change events"],
+        action: Action::Unwatch,
+    },
+    Entry {
+        names: &["{...}"],
+        args: "",
+        help: &[
+            "send a raw JSON request, print the reply",
+            "verbatim: any server command (see",
+            "`vmm-client help`), several per line too",
+        ],
+        action: Action::Raw,
+    },
+    Entry {
+        names: &["help", "?"],
+        args: "",
+        help: &["this help"],
+        action: Action::Help,
+    },
+    Entry {
+        names: &["quit", "exit"],
+        args: "",
+        help: &["leave (Ctrl-D too)"],
+        action: Action::Quit,
+    },
+];
+
+const HELP_HEAD: &str = "\
+Shell commands (arguments left out are asked for, and each answer is checked
+as it is given; passwords are always asked for, without echo on a terminal,
+and read as the next line when piped):";
+
+const HELP_TAIL: &str = "\
+Lines starting with # are ignored. On a terminal, command lines are kept in
+the history ($VMM_HISTORY, by default ~/.vmm_history), except those holding a
+password, token or secret, and those that are not commands.";
+
+/// Where the descriptions start in `help`.
+const HELP_COLUMN: usize = 40;
+
+/// The shell's `help`, made from [`COMMANDS`].
+fn help_text() -> String {
+    let mut text = format!("{HELP_HEAD}\n");
+    let indent = " ".repeat(HELP_COLUMN);
+    for entry in COMMANDS {
+        let mut usage = entry.names.join(", ");
+        if !entry.args.is_empty() {
+            usage = format!("{usage} {}", entry.args);
+        }
+        let mut lines = entry.help.iter();
+        let first = lines.next().copied().unwrap_or_default();
+        if usage.len() + 4 <= HELP_COLUMN {
+            text.push_str(&format!(
+                "  {usage:<width$}{first}\n",
+                width = HELP_COLUMN - 2
+            ));
+        } else {
+            text.push_str(&format!("  {usage}\n{indent}{first}\n"));
+        }
+        for line in lines {
+            text.push_str(&format!("{indent}{line}\n"));
+        }
+    }
+    text.push('\n');
+    text.push_str(HELP_TAIL);
+    text
+}
+
+/// A command line taken apart: its entry and its arguments, whose shape
+/// (how many, numbers where numbers go, known names) has been checked.
+#[derive(Debug)]
+struct Command<'a> {
+    entry: &'static Entry,
+    args: Vec<&'a str>,
+}
+
+/// Finds `line`'s entry in [`COMMANDS`] and checks its arguments' shape.
+/// The message of an unknown command does not repeat it: it may be a
+/// password typed at the prompt by mistake.
+fn parse(line: &str) -> Result<Command<'_>, String> {
+    let line = line.trim();
+    if line.starts_with('{')
+        && let Some(entry) = COMMANDS.iter().find(|entry| entry.action == Action::Raw)
+    {
+        return Ok(Command {
+            entry,
+            args: Vec::new(),
+        });
+    }
+    let mut words = line.split_whitespace();
+    let name = words.next().unwrap_or_default();
+    let entry = COMMANDS
+        .iter()
+        .find(|entry| entry.action != Action::Raw && entry.names.contains(&name))
+        .ok_or_else(|| "unknown command; type `help` for the commands".to_owned())?;
+    let args: Vec<&str> = words.collect();
+    shape(entry, &args)?;
+    Ok(Command { entry, args })
+}
+
+/// Whether `args` fit `entry`: the checks that need no question answered.
+/// The values are checked against the protocol's rules when used.
+fn shape(entry: &Entry, args: &[&str]) -> Result<(), String> {
+    let name = entry.names[0];
+    let at_most = |n: usize, what: &str| {
+        if args.len() <= n {
+            Ok(())
+        } else {
+            Err(format!("`{name}` takes {what}"))
+        }
+    };
+    let whole = |text: &str| text.parse::<i64>().is_ok();
+    match entry.action {
+        Action::Ping
+        | Action::ListActive
+        | Action::ListAuth
+        | Action::ListAll
+        | Action::ListDisks
+        | Action::Logout
+        | Action::Unwatch
+        | Action::Help
+        | Action::Quit
+        | Action::Raw => at_most(0, "no arguments"),
+        Action::Authenticate => at_most(1, "at most a VM id; the password is asked for"),
+        Action::List => {
+            at_most(1, "one argument: active, auth, all or disks")?;
+            match args.first() {
+                Some(kind) if list_type(kind).is_none() => Err(format!(
+                    "`{kind}` is not a list: active, auth, all or disks"
+                )),
+                _ => Ok(()),
+            }
+        }
+        Action::Register => {
+            if args.iter().skip(1).all(|arg| whole(arg)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{name}` takes VM_ID RAM CPU [GIB...]: whole numbers after the VM id"
+                ))
+            }
+        }
+        Action::UpdateRam => {
+            at_most(1, "one argument: RAM in MiB")?;
+            if args.iter().all(|arg| whole(arg)) {
+                Ok(())
+            } else {
+                Err(format!("`{name}` takes RAM in MiB, a whole number"))
+            }
+        }
+        Action::Update => {
+            let numbers = args.iter().take(2).all(|arg| *arg == "-" || whole(arg));
+            let changes = args.iter().skip(2).all(|arg| disk_change(arg).is_ok());
+            if numbers && changes {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{name}` takes RAM CPU [CHANGE...]: whole numbers (or -), \
+                     then ID=SIZE or +SIZE"
+                ))
+            }
+        }
+        Action::Watch => {
+            if topics(args)
+                .iter()
+                .all(|topic| TOPICS.contains(&topic.as_str()))
+            {
+                Ok(())
+            } else {
+                Err("the topics are vms, sessions and disks".to_owned())
+            }
+        }
+    }
+}
+
+/// The topics `watch` knows.
+const TOPICS: [&str; 3] = ["vms", "sessions", "disks"];
+
+/// `watch vms sessions` and `watch vms,sessions` alike.
+fn topics(args: &[&str]) -> Vec<String> {
+    args.iter()
+        .flat_map(|arg| arg.split(','))
+        .filter(|topic| !topic.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether a command line may go into the history file: a JSON line only
+/// when no key in it, at any depth, names a password, token or secret (and
+/// it is JSON throughout: a broken line cannot be checked); any other line
+/// only when it is a command of [`COMMANDS`], whose arguments never hold a
+/// secret (a password is always asked for).
+pub fn remember(line: &str) -> bool {
+    let line = line.trim();
+    if line.starts_with('{') {
+        let mut values = serde_json::Deserializer::from_str(line).into_iter::<Value>();
+        return values.all(|value| value.is_ok_and(|value| !holds_secret(&value)));
+    }
+    !line.starts_with('#') && parse(line).is_ok()
+}
+
+/// Whether a key of `value`, at any depth, names a password, token or
+/// secret (`password`, `token`, `admin_token`, `registration_secret`...).
+fn holds_secret(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.iter().any(|(key, value)| {
+            let key = key.to_ascii_lowercase();
+            ["password", "token", "secret"]
+                .iter()
+                .any(|word| key.contains(word))
+                || holds_secret(value)
+        }),
+        Value::Array(values) => values.iter().any(holds_secret),
+        _ => false,
+    }
+}
+
+/// How many answers to one question are refused before the command is
+/// dropped: enough for typos, few enough that a script whose answers are
+/// out of step does not feed its next commands in as answers for long.
+const TRIES: usize = 3;
 
 /// Asked between two pages of a list on a terminal.
 const MORE: &str = "-- more (Enter: next page, q: stop) --";
@@ -134,7 +473,7 @@ fn usage(message: impl Into<String>) -> Abort {
 /// `keepalive`: ping after this long without sending anything (`None`: never).
 pub async fn run(addr: &str, json: bool, keepalive: Option<Duration>) -> Result<(), Failure> {
     let mut conn = Conn::connect(addr, json).await?;
-    let mut input = Input::start();
+    let mut input = Input::start(remember);
     if let Some(printer) = input.printer() {
         conn.use_terminal(printer);
     }
@@ -207,117 +546,86 @@ impl Shell {
     }
 
     async fn execute(&mut self, line: &str) -> Result<Flow, Abort> {
-        if line.starts_with('{') {
-            self.raw(line).await?;
-            return Ok(Flow::Continue);
-        }
-        let mut words = line.split_whitespace();
-        let name = words.next().unwrap_or_default();
-        let args: Vec<&str> = words.collect();
-        let no_args = |args: &[&str]| {
-            if args.is_empty() {
-                Ok(())
-            } else {
-                Err(usage(format!("`{name}` takes no arguments")))
-            }
-        };
-        match name {
-            "quit" | "exit" => return Ok(Flow::Quit),
-            "help" | "?" => {
-                no_args(&args)?;
+        let Command { entry, args } = parse(line).map_err(usage)?;
+        match entry.action {
+            Action::Quit => return Ok(Flow::Quit),
+            Action::Raw => self.raw(line).await?,
+            Action::Help => {
                 if self.json {
-                    eprintln!("{HELP}");
+                    eprintln!("{}", help_text());
                 } else {
-                    out::line(format_args!("{HELP}\n\nServer commands:"));
+                    out::line(help_text());
                 }
-                self.conn.run(&Op::Help).await?;
             }
-            "ping" => {
-                no_args(&args)?;
+            Action::Ping => {
                 self.conn.run(&Op::Ping).await?;
             }
-            "register" => {
+            Action::Register => {
                 let op = self.registration(&args).await?;
-                self.conn.run(&op).await?;
+                let secret_sent = matches!(
+                    &op,
+                    Op::Register(registration) if registration.registration_secret.is_some()
+                );
+                self.conn.run(&op).await.map_err(|failure| match failure {
+                    Failure::Server {
+                        message,
+                        code: Some(ErrorCode::Forbidden),
+                    } if !secret_sent => Failure::Server {
+                        message: format!(
+                            "{message}; this server wants its registration secret: \
+                                 set $VMM_REGISTRATION_SECRET before starting the shell"
+                        ),
+                        code: Some(ErrorCode::Forbidden),
+                    },
+                    other => other,
+                })?;
             }
-            "authenticate" => {
-                if args.len() > 1 {
-                    return Err(usage(
-                        "`authenticate` takes at most a VM id; the password is asked for",
-                    ));
-                }
-                let vm_id = self.arg_or_ask(args.first(), "vm_id: ").await?;
-                let password = self.password(&vm_id).await?;
+            Action::Authenticate => {
+                let vm_id = self.given_or_ask(args.first(), "vm_id: ", vm_id).await?;
+                let password = self.password(&format!("password for {vm_id}: ")).await?;
                 let reply = self.conn.run(&Op::Authenticate { vm_id, password }).await?;
                 self.vm = authenticated_vm(&reply);
             }
-            "list" => {
-                if args.len() > 1 {
-                    return Err(usage(
-                        "`list` takes one argument: active, auth, all or disks",
-                    ));
-                }
-                let name = self
-                    .arg_or_ask(args.first(), "list (active, auth, all or disks): ")
+            Action::List => {
+                let prompt = "list (active, auth, all or disks): ";
+                let kind = self
+                    .given_or_ask(args.first(), prompt, |name| {
+                        list_type(name).ok_or_else(|| {
+                            format!("`{name}` is not a list: active, auth, all or disks")
+                        })
+                    })
                     .await?;
-                let kind = list_type(&name).ok_or_else(|| {
-                    usage(format!(
-                        "`{name}` is not a list: active, auth, all or disks"
-                    ))
-                })?;
                 self.list(kind).await?;
             }
-            "list_active" | "list_auth" | "list_all" | "list_all_disks" => {
-                no_args(&args)?;
-                let kind = match name {
-                    "list_active" => ListType::ActiveVms,
-                    "list_auth" => ListType::AuthenticatedVms,
-                    "list_all" => ListType::AllVms,
-                    _ => ListType::AllDisks,
-                };
-                self.list(kind).await?;
-            }
-            "update_ram" => {
-                if args.len() > 1 {
-                    return Err(usage("`update_ram` takes one argument: RAM in MiB"));
-                }
-                let ram = self.arg_or_ask(args.first(), "ram (MiB): ").await?;
+            Action::ListActive => self.list(ListType::ActiveVms).await?,
+            Action::ListAuth => self.list(ListType::AuthenticatedVms).await?,
+            Action::ListAll => self.list(ListType::AllVms).await?,
+            Action::ListDisks => self.list(ListType::AllDisks).await?,
+            Action::UpdateRam => {
+                let prompt = format!("ram (MiB, {}): ", range(&limits::RAM));
+                let ram = self.given_or_ask(args.first(), &prompt, ram).await?;
                 let update = Update {
-                    ram: Some(number("ram", &ram)?),
+                    ram: Some(ram),
                     ..Update::default()
                 };
                 self.conn.run(&Op::Update(update)).await?;
             }
-            "update_ram_cpu_disks" => {
+            Action::Update => {
                 let op = self.update(&args).await?;
                 self.conn.run(&op).await?;
             }
-            "logout" => {
-                no_args(&args)?;
+            Action::Logout => {
                 self.conn.run(&Op::Logout).await?;
                 self.vm = None;
                 self.watching = false;
             }
-            "watch" => {
-                // `watch vms sessions` and `watch vms,sessions` alike.
-                let topics = args
-                    .iter()
-                    .flat_map(|arg| arg.split(','))
-                    .filter(|topic| !topic.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-                self.conn.run(&Op::Watch(topics)).await?;
+            Action::Watch => {
+                self.conn.run(&Op::Watch(topics(&args))).await?;
                 self.watching = true;
             }
-            "unwatch" => {
-                no_args(&args)?;
+            Action::Unwatch => {
                 self.conn.run(&Op::Unwatch).await?;
                 self.watching = false;
-            }
-            _ => {
-                return Err(usage(format!(
-                    "unknown command `{name}`; type `help` for the commands"
-                )));
             }
         }
         Ok(Flow::Continue)
@@ -380,84 +688,148 @@ impl Shell {
     /// `register [VM_ID RAM CPU [GIB...]]`: with all of VM_ID, RAM and CPU
     /// given, the disks are what follows them (maybe none); otherwise
     /// everything missing is asked for, then disks one per line up to an
-    /// empty line.
+    /// empty line. Each answer is checked as it comes; the password is
+    /// asked twice.
     async fn registration(&mut self, args: &[&str]) -> Result<Op, Abort> {
-        let vm_id = self.arg_or_ask(args.first(), "vm_id: ").await?;
-        let ram = number("ram", &self.arg_or_ask(args.get(1), "ram (MiB): ").await?)?;
-        let cpu = number("cpu", &self.arg_or_ask(args.get(2), "cpu: ").await?)?;
+        let prompt = format!(
+            "vm_id (1 to {} of A-Z a-z 0-9 . _ -): ",
+            limits::VM_ID_MAX_LEN
+        );
+        let vm_id = self.given_or_ask(args.first(), &prompt, vm_id).await?;
+        let prompt = format!("ram (MiB, {}): ", range(&limits::RAM));
+        let ram = self.given_or_ask(args.get(1), &prompt, ram).await?;
+        let prompt = format!("cpu ({}): ", range(&limits::CPU));
+        let cpu = self.given_or_ask(args.get(2), &prompt, cpu).await?;
         let mut disks = Vec::new();
         if args.len() >= 3 {
             for size in &args[3..] {
-                disks.push(number("disk size", size)?);
+                disks.push(disk_size(size).map_err(usage)?);
             }
         } else {
-            loop {
-                let size = self.ask("disk size (GiB, empty line = no more): ").await?;
-                if size.is_empty() {
-                    break;
+            let prompt = format!(
+                "disk size (GiB, {}; empty line = no more): ",
+                range(&limits::DISK_SIZE)
+            );
+            while disks.len() < limits::MAX_DISKS {
+                let size = self
+                    .ask_until(&prompt, |text| unchanged_or(text, disk_size))
+                    .await?;
+                match size {
+                    Some(size) => disks.push(size),
+                    None => break,
                 }
-                disks.push(number("disk size", &size)?);
             }
         }
-        let password = self.password(&vm_id).await?;
+        let password = self.new_password(&vm_id).await?;
+        let registration_secret = secrets::registration_secret();
+        if registration_secret.is_some() {
+            eprintln!("sending the registration secret from $VMM_REGISTRATION_SECRET");
+        }
         Ok(Op::Register(Registration {
             vm_id,
             ram,
             cpu,
             password,
             disks,
-            registration_secret: secrets::registration_secret(),
+            registration_secret,
         }))
+    }
+
+    /// A new VM's password: its length rule is in the prompt, one that
+    /// breaks it is refused at once, and it is asked again to confirm (both
+    /// again when the two differ). Never echoed, never in the history.
+    async fn new_password(&mut self, vm_id: &str) -> Result<String, Abort> {
+        let first = format!(
+            "password for {vm_id} ({} characters): ",
+            range(&limits::PASSWORD_LEN)
+        );
+        let again = format!("password for {vm_id} again: ");
+        for _ in 0..TRIES {
+            let password = self.password(&first).await?;
+            if let Err(err) = params::password(&password) {
+                eprintln!("{}", err.message);
+                continue;
+            }
+            if self.password(&again).await? == password {
+                return Ok(password);
+            }
+            eprintln!("the two passwords differ");
+        }
+        Err(refused())
     }
 
     /// `update_ram_cpu_disks [RAM CPU [CHANGE...]]`: like `register`, the
     /// changes are asked for one per line unless RAM and CPU were given.
     async fn update(&mut self, args: &[&str]) -> Result<Op, Abort> {
-        let keep = |text: &str| text.is_empty() || text == "-";
+        let prompt = format!("ram (MiB, {}; empty = unchanged): ", range(&limits::RAM));
         let ram = self
-            .arg_or_ask(args.first(), "ram (MiB, empty = unchanged): ")
+            .given_or_ask(args.first(), &prompt, |text| unchanged_or(text, ram))
             .await?;
-        let ram = if keep(&ram) {
-            None
-        } else {
-            Some(number("ram", &ram)?)
-        };
+        let prompt = format!("cpu ({}; empty = unchanged): ", range(&limits::CPU));
         let cpu = self
-            .arg_or_ask(args.get(1), "cpu (empty = unchanged): ")
+            .given_or_ask(args.get(1), &prompt, |text| unchanged_or(text, cpu))
             .await?;
-        let cpu = if keep(&cpu) {
-            None
-        } else {
-            Some(number("cpu", &cpu)?)
-        };
         let mut update = Update {
             ram,
             cpu,
             ..Update::default()
         };
+        let mut changes = Vec::new();
         if args.len() >= 2 {
             for change in &args[2..] {
-                disk_change(&mut update, change)?;
+                changes.push(disk_change(change).map_err(usage)?);
             }
         } else {
-            loop {
-                let change = self
-                    .ask("disk (ID=SIZE resizes, +SIZE adds; empty line = no more): ")
-                    .await?;
-                if change.is_empty() {
-                    break;
-                }
-                disk_change(&mut update, &change)?;
+            let prompt = format!(
+                "disk (ID=SIZE resizes, +SIZE adds, SIZE in GiB {}; empty line = no more): ",
+                range(&limits::DISK_SIZE)
+            );
+            while let Some(change) = self
+                .ask_until(&prompt, |text| unchanged_or(text, disk_change))
+                .await?
+            {
+                changes.push(change);
+            }
+        }
+        for change in changes {
+            match change {
+                Change::Resize(id, size) => update.resize.push((id, size)),
+                Change::Attach(size) => update.attach.push(size),
             }
         }
         Ok(Op::Update(update))
     }
 
-    async fn arg_or_ask(&mut self, arg: Option<&&str>, prompt: &str) -> Result<String, Abort> {
-        match arg {
-            Some(arg) => Ok((*arg).to_owned()),
-            None => self.ask(prompt).await,
+    /// `given` checked by `check` (a usage error when it fails: it was
+    /// typed on the command line, nothing to ask again), or else the answer
+    /// to `prompt`, asked until `check` takes it.
+    async fn given_or_ask<T>(
+        &mut self,
+        given: Option<&&str>,
+        prompt: &str,
+        check: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, Abort> {
+        match given {
+            Some(given) => check(given).map_err(usage),
+            None => self.ask_until(prompt, check).await,
         }
+    }
+
+    /// Asks `prompt` until `check` takes the answer, saying why it did not;
+    /// after [`TRIES`] refusals the command is dropped.
+    async fn ask_until<T>(
+        &mut self,
+        prompt: &str,
+        check: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, Abort> {
+        for _ in 0..TRIES {
+            let answer = self.ask(prompt).await?;
+            match check(&answer) {
+                Ok(value) => return Ok(value),
+                Err(why) => eprintln!("{why}"),
+            }
+        }
+        Err(refused())
     }
 
     /// The answer to a question, trimmed.
@@ -472,14 +844,14 @@ impl Shell {
         self.answered(read).map(|answer| answer.trim().to_owned())
     }
 
-    /// A password, as typed (only the line ending is removed).
-    async fn password(&mut self, vm_id: &str) -> Result<String, Abort> {
-        let prompt = format!("password for {vm_id}: ");
+    /// A password, as typed (only the line ending is removed), asked with
+    /// `prompt`: without echo on a terminal, never into the history.
+    async fn password(&mut self, prompt: &str) -> Result<String, Abort> {
         let read = waiting(
             &mut self.conn,
             self.keepalive,
             self.watching,
-            self.input.password(&prompt),
+            self.input.password(prompt),
         )
         .await?;
         self.answered(read)
@@ -528,25 +900,75 @@ fn authenticated_vm(reply: &vmm_core::Reply) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn number<T: FromStr>(what: &str, text: &str) -> Result<T, Abort> {
-    text.trim()
-        .parse()
-        .map_err(|_| usage(format!("{what} must be a whole number, not `{text}`")))
+fn refused() -> Abort {
+    usage(format!("{TRIES} answers refused; command dropped"))
 }
 
-/// Adds `ID=SIZE` (resize) or `+SIZE` (new disk) to `update`.
-fn disk_change(update: &mut Update, change: &str) -> Result<(), Abort> {
-    if let Some(size) = change.strip_prefix('+') {
-        update.attach.push(number("disk size", size)?);
-        return Ok(());
+/// `1 to 1024`: a range as prompts show it.
+fn range<T: std::fmt::Display>(range: &std::ops::RangeInclusive<T>) -> String {
+    format!("{} to {}", range.start(), range.end())
+}
+
+// The checks of typed values are vmm-core's own (`params`), so that the
+// shell refuses at once exactly what the server would refuse after every
+// question. Their messages never repeat the value.
+
+fn vm_id(text: &str) -> Result<String, String> {
+    params::vm_id(text)
+        .map(|()| text.to_owned())
+        .map_err(|err| err.message.into_owned())
+}
+
+fn whole(field: &str, text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("`{field}` must be a whole number"))
+}
+
+fn ram(text: &str) -> Result<u32, String> {
+    params::ram(whole("ram", text)?).map_err(|err| err.message.into_owned())
+}
+
+fn cpu(text: &str) -> Result<u32, String> {
+    params::cpu(whole("cpu", text)?).map_err(|err| err.message.into_owned())
+}
+
+fn disk_size(text: &str) -> Result<u32, String> {
+    params::disk_size("disk_size", whole("disk_size", text)?)
+        .map_err(|err| err.message.into_owned())
+}
+
+/// `None` for an empty answer or `-` (none, or leave it as it is), else
+/// `check`ed.
+fn unchanged_or<T>(
+    text: &str,
+    check: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    if text.is_empty() || text == "-" {
+        Ok(None)
+    } else {
+        check(text).map(Some)
     }
-    let resize = parse_resize(change).map_err(|_| {
-        usage(format!(
-            "`{change}` is neither ID=SIZE (resize disk ID) nor +SIZE (new disk)"
-        ))
-    })?;
-    update.resize.push((resize.id, resize.size));
-    Ok(())
+}
+
+/// A disk change of `update_ram_cpu_disks`.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    /// `ID=SIZE`: resize disk ID.
+    Resize(i64, u32),
+    /// `+SIZE`: a new disk.
+    Attach(u32),
+}
+
+fn disk_change(change: &str) -> Result<Change, String> {
+    if let Some(size) = change.strip_prefix('+') {
+        return disk_size(size).map(Change::Attach);
+    }
+    let resize = parse_resize(change)
+        .map_err(|_| "a disk change is ID=SIZE (resize disk ID) or +SIZE (new disk)".to_owned())?;
+    let size = params::disk_size("disk_size", i64::from(resize.size))
+        .map_err(|err| err.message.into_owned())?;
+    Ok(Change::Resize(resize.id, size))
 }
 
 #[cfg(test)]
@@ -555,15 +977,11 @@ mod tests {
 
     #[test]
     fn disk_changes_parse() {
-        let mut update = Update::default();
-        for change in ["1=150", "2=250", "+50"] {
-            assert!(disk_change(&mut update, change).is_ok());
+        assert_eq!(disk_change("1=150"), Ok(Change::Resize(1, 150)));
+        assert_eq!(disk_change("+50"), Ok(Change::Attach(50)));
+        for wrong in ["50", "+x", "1=", "+0", "1=0", "+9999999"] {
+            assert!(disk_change(wrong).is_err(), "{wrong}");
         }
-        assert_eq!(update.resize, vec![(1, 150), (2, 250)]);
-        assert_eq!(update.attach, vec![50]);
-        assert!(disk_change(&mut update, "50").is_err());
-        assert!(disk_change(&mut update, "+x").is_err());
-        assert!(disk_change(&mut update, "1=").is_err());
     }
 
     #[test]
@@ -587,9 +1005,110 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_checked() {
-        assert_eq!(number::<u32>("ram", " 512 ").ok(), Some(512));
-        assert!(number::<u32>("ram", "-1").is_err());
-        assert!(number::<u32>("ram", "").is_err());
+    fn answers_are_checked_by_the_protocol_rules() {
+        assert_eq!(ram(" 512 "), Ok(512));
+        assert!(ram("-1").is_err() && ram("").is_err() && ram("0").is_err());
+        assert!(ram("4194305").unwrap_err().contains("4194304"));
+        assert_eq!(cpu("1024"), Ok(1024));
+        assert!(cpu("1025").is_err());
+        assert_eq!(disk_size("100"), Ok(100));
+        assert!(vm_id("stalin").is_ok() && vm_id("no spaces").is_err());
+        assert_eq!(unchanged_or("-", ram), Ok(None));
+        assert_eq!(unchanged_or("", ram), Ok(None));
+        assert_eq!(unchanged_or("64", ram), Ok(Some(64)));
+    }
+
+    #[test]
+    fn help_lists_exactly_the_commands_that_run() {
+        let help = help_text();
+        assert!(help.lines().all(|line| line.len() <= 80), "{help}");
+        for entry in COMMANDS {
+            for name in entry.names {
+                assert!(help.contains(name), "{name} is not in the help");
+                if entry.action != Action::Raw {
+                    let parsed = parse(name).map(|command| command.entry.action);
+                    assert_eq!(parsed.ok(), Some(entry.action), "{name}");
+                }
+            }
+        }
+        let mut names: Vec<&str> = COMMANDS
+            .iter()
+            .flat_map(|entry| entry.names)
+            .copied()
+            .collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "a name used twice");
+        // Server commands the shell has no entry for are not accepted.
+        for name in ["update", "audit", "revoke", "send", "frobnicate"] {
+            assert!(parse(name).is_err(), "{name}");
+            assert!(!help.contains(&format!("\n  {name} ")), "{name}");
+        }
+        assert_eq!(
+            parse(r#"{"command":"revoke"}"#)
+                .map(|command| command.entry.action)
+                .ok(),
+            Some(Action::Raw)
+        );
+    }
+
+    #[test]
+    fn arguments_are_checked_before_anything_is_sent() {
+        for good in [
+            "ping",
+            "register",
+            "register vm1 512 2 100 200",
+            "authenticate vm1",
+            "list",
+            "list disks",
+            "update_ram 64",
+            "update_ram_cpu_disks - 4 1=150 +50",
+            "watch vms,sessions disks",
+            "quit",
+        ] {
+            assert!(parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "ping now",
+            "authenticate vm1 hunter22",
+            "register vm1 512 hunter22",
+            "list sideways",
+            "update_ram lots",
+            "update_ram_cpu_disks 1 2 hunter22",
+            "watch everything",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let unknown = parse("hunter22").unwrap_err();
+        assert!(!unknown.contains("hunter22"), "{unknown}");
+    }
+
+    #[test]
+    fn lines_with_secrets_are_not_remembered() {
+        for kept in [
+            "ping",
+            "register",
+            "authenticate vm1",
+            "list_all",
+            r#"{"command": "ping", "id": 1}"#,
+            r#"{"command":"list","data":{"list_type":"all_vms"}} {"command":"ping"}"#,
+        ] {
+            assert!(remember(kept), "{kept}");
+        }
+        for secret in [
+            r#"{"command":"authenticate","data":{"vm_id":"a","password":"hunter22"}}"#,
+            r#"{"command":"authenticate","data":{"vm_id":"a","token":"t0k3n"}}"#,
+            r#"{"command":"authenticate","data":{"admin_token":"t0k3n"}}"#,
+            r#"{"command":"register","data":{"registration_secret":"s"}}"#,
+            r#"{"a":[{"b":{"Password":"x"}}]}"#,
+            r#"{"command":"ping"} {"data":{"pass\u0077ord":"x"}}"#,
+            r#"{"command":"authenticate","data":{"password":"hunter22""#,
+            "hunter22",
+            "authenticate vm1 hunter22",
+            "# my password is hunter22",
+        ] {
+            assert!(!remember(secret), "{secret}");
+        }
     }
 }

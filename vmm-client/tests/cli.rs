@@ -196,6 +196,7 @@ vm1
 100
 
 secretpass1
+secretpass1
 authenticate vm1
 secretpass1
 list_active

@@ -4,20 +4,17 @@
 //! pages when it is (driven through a pseudo-terminal).
 
 mod common;
-
-use std::io::{Read, Write};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[path = "common/pty.rs"]
+mod pty;
 
 use common::Run;
-use nix::pty::{Winsize, openpty};
+use pty::Terminal;
 use serde_json::{Value, json};
 use tokio::process::Command;
 use vmm_core::ErrorCode;
 use vmm_core::client::Page;
 use vmm_core::protocol::{DiskEntry, ListType, VmStatus};
-use vmm_tests::{Deadline, TestServer, seed_fleet};
+use vmm_tests::{TestServer, seed_fleet};
 
 const ADMIN: &str = "operator-token-for-paging";
 const MORE: &str = "-- more (Enter: next page, q: stop) --";
@@ -348,71 +345,19 @@ async fn the_shell_prints_every_page_without_asking_when_piped() {
     );
 }
 
-/// What a process wrote to a pseudo-terminal, as it arrives.
-#[derive(Clone, Default)]
-struct Screen(Arc<Mutex<Vec<u8>>>);
-
-impl Screen {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until `what` appears after byte `from`; returns where it ends.
-    async fn wait_for(&self, what: &str, from: usize) -> usize {
-        let deadline = Instant::now() + vmm_tests::PATIENCE;
-        loop {
-            let text = self.text();
-            if let Some(at) = text.get(from..).and_then(|rest| rest.find(what)) {
-                return from + at + what.len();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what:?} never came after byte {from}; the screen:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_shell_asks_between_pages_on_a_terminal() {
     let server = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
     seed_fleet(&server.db, 5, 0).await;
     // Eight lines: six for a page's frame and two rows.
-    let size = Winsize {
-        ws_row: 8,
-        ws_col: 200,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let pty = openpty(&size, None).expect("a pseudo-terminal");
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-client"));
     command
         .arg("--addr")
         .arg(server.addr.to_string())
-        .env("TERM", "xterm")
-        .env_remove("HOME") // no history file
-        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stderr(Stdio::from(pty.slave));
-    let mut child = command.spawn().expect("start vmm-client");
-    drop(command); // the child holds the only copies of the terminal's end
-
-    let mut keyboard = std::fs::File::from(pty.master);
-    let mut display = keyboard.try_clone().unwrap();
-    let screen = Screen::default();
-    let filled = screen.clone();
-    // Blocking reads; they end when the child's end of the terminal closes.
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n @ 1..) = display.read(&mut buf) {
-            filled.0.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    let mut typing = |text: &str| {
-        keyboard.write_all(text.as_bytes()).unwrap();
-        keyboard.flush().unwrap();
-    };
+        .env("VMM_HISTORY", ""); // no history file
+    let mut terminal = Terminal::start(command, 8);
+    let screen = terminal.screen.clone();
+    let mut typing = |text: &str| terminal.typing(text);
 
     let prompt = format!("vmm {}> ", server.addr);
     let at = screen.wait_for(&prompt, 0).await;
@@ -437,13 +382,7 @@ async fn the_shell_asks_between_pages_on_a_terminal() {
     assert_eq!(text[at..first].matches("(2 rows)").count(), 1, "{text}");
 
     typing("quit\r");
-    let deadline = Deadline::new("the shell to exit");
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        deadline.tick().await;
-    };
+    let status = terminal.exited().await;
     let text = screen.text();
     assert!(status.success(), "{status:?}: {text}");
     assert!(

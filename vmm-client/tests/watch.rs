@@ -3,6 +3,9 @@
 //! one-shot command with 0, a lost connection with 3, and keepalive pings
 //! hold an idle watcher's connection open.
 
+#[path = "common/pty.rs"]
+mod pty;
+
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -362,4 +365,123 @@ async fn send_tells_events_from_replies() {
             .all(|v| v["status"] == "success" || v["event"] == "vm_registered"),
         "the lines other than PONGs:\n{odd:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_watch_shows_the_table_then_a_line_per_change() {
+    let server = server_with_watcher(|_| {}).await;
+    let password = password_for("watcher");
+    // Stdout is a pipe, not a terminal: a line per change.
+    let watch = Running::start(
+        &server.addr.to_string(),
+        &["list", "all_vms", "--watch", "--vm-id", "watcher"],
+        Some(&password),
+        false,
+    );
+    watch
+        .line_where("the table's row count", |line| line == "(1 row)")
+        .await;
+    assert!(
+        watch
+            .lines()
+            .iter()
+            .any(|line| line.starts_with("| watcher ")),
+        "{:?}",
+        watch.lines()
+    );
+
+    // Registered, authenticated and updated over other connections.
+    let mut late = server.client().await;
+    late.register(&registration("late", 512, vec![10]))
+        .await
+        .expect("register late");
+    let added = watch
+        .line_where("ADDED late", |line| line.starts_with("ADDED late "))
+        .await;
+    let words: Vec<&str> = added.split(' ').collect();
+    assert_eq!(words.len(), 8, "{added}");
+    assert_eq!(
+        [words[2], words[3], words[5], words[6]],
+        // The registering connection is bound to the VM, not authenticated.
+        ["ram=512", "cpu=1", "connected=yes", "authenticated=no"],
+        "{added}"
+    );
+    assert!(
+        words[4].starts_with("disks=") && words[4].ends_with(":10G"),
+        "{added}"
+    );
+    late.authenticate("late", &password_for("late"))
+        .await
+        .expect("authenticate late");
+    late.update(&Update {
+        ram: Some(1024),
+        ..Update::default()
+    })
+    .await
+    .expect("update late");
+    watch
+        .line_where("MODIFIED late ram=1024", |line| {
+            line.starts_with("MODIFIED late ram=1024 ") && line.contains(" authenticated=yes ")
+        })
+        .await;
+
+    watch.terminate();
+    let (code, lines) = watch.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    let added: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.starts_with("ADDED "))
+        .collect();
+    assert_eq!(added.len(), 1, "each change once: {lines:#?}");
+    // A MODIFIED line shows something its row did not show before.
+    let mut shown: std::collections::HashMap<&str, &str> = Default::default();
+    for line in &lines {
+        let Some((change, row)) = line.split_once(' ') else {
+            continue;
+        };
+        let key = row.split(' ').next().unwrap_or_default();
+        if change == "MODIFIED" {
+            assert_ne!(
+                shown.get(key),
+                Some(&row),
+                "a change that shows nothing: {lines:#?}"
+            );
+        }
+        if ["ADDED", "MODIFIED"].contains(&change) {
+            shown.insert(key, row);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_watch_redraws_the_table_in_place_on_a_terminal_until_ctrl_c() {
+    let server = TestServer::start_with(|c| c.admin_token = Some("operator-token".into())).await;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-client"));
+    command
+        .args(["--addr", &server.addr.to_string(), "--admin"])
+        .args(["list", "disks", "--watch"])
+        .env("VMM_ADMIN_TOKEN", "operator-token");
+    let mut terminal = pty::Terminal::start(command, 40);
+    let screen = terminal.screen.clone();
+    let at = screen.wait_for("(0 rows)\r\n", 0).await;
+
+    server
+        .client()
+        .await
+        .register(&registration("disky", 64, vec![5, 6]))
+        .await
+        .expect("register disky");
+    // Back up over the five lines of the empty table, clear, draw anew.
+    let redrawn = screen.wait_for("\x1b[5A\x1b[J", at).await;
+    let end = screen.wait_for("(2 rows)", redrawn).await;
+    let text = screen.text();
+    assert_eq!(text[redrawn..end].matches("| disky").count(), 2, "{text}");
+    assert!(
+        !text.contains("ADDED"),
+        "no change lines on a terminal: {text}"
+    );
+
+    terminal.typing("\x03"); // Ctrl-C
+    let status = terminal.exited().await;
+    assert!(status.success(), "{status:?}: {}", screen.text());
 }
