@@ -52,12 +52,80 @@ struct Fields {
 /// with nothing built, so that only what is used is decoded, once.
 #[derive(Deserialize)]
 struct RawFields<'a> {
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    command: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present_command")]
+    command: Option<CommandField<'a>>,
     #[serde(borrow, default, deserialize_with = "present_raw")]
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present_raw")]
     id: Option<&'a RawValue>,
+}
+
+/// A request's `command`, read in the same pass as the rest: the name as a
+/// slice of the request when it has no escapes, or whether it was not a
+/// string at all (so that the reply can say so).
+enum CommandField<'a> {
+    Borrowed(&'a str),
+    Unescaped(String),
+    NotAString,
+}
+
+impl<'de> Deserialize<'de> for CommandField<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = CommandField<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Self::Value, E> {
+                Ok(CommandField::Borrowed(name))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(CommandField::Unescaped(name.to_owned()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(CommandField::NotAString)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(CommandField::NotAString)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(CommandField::NotAString)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(CommandField::NotAString)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(CommandField::NotAString)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(CommandField::NotAString)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(CommandField::NotAString)
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+/// Keeps a `null` command distinct from a missing one.
+fn present_command<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<CommandField<'de>>, D::Error> {
+    CommandField::deserialize(deserializer).map(Some)
 }
 
 /// Keeps a `null` field distinct from a missing one.
@@ -79,13 +147,9 @@ impl RawFields<'_> {
             Some(_) => return refused("`id` must be a string, a number or null", None),
         };
         let command = match self.command {
-            Some(raw) if raw.get().starts_with('"') => {
-                match serde_json::from_str::<String>(raw.get()) {
-                    Ok(command) => command,
-                    Err(_) => return refused("`command` must be a string", id),
-                }
-            }
-            Some(_) => return refused("`command` must be a string", id),
+            Some(CommandField::Borrowed(name)) => name.to_owned(),
+            Some(CommandField::Unescaped(name)) => name,
+            Some(CommandField::NotAString) => return refused("`command` must be a string", id),
             None => return refused("`command` is required", id),
         };
         let data = match self.data.map(RawValue::get) {
@@ -532,6 +596,12 @@ mod tests {
             r#"{"command":"ping","data":null,"id":null}"#,
             r#"{"command":"ping","id":-1.5e3}"#,
             r#"{"command":7}"#,
+            r#"{"command":"p\u0069ng","id":"\u0041"}"#,
+            r#"{"command":null}"#,
+            r#"{"command":true,"id":3}"#,
+            r#"{"command":[1,{"a":[2]}],"id":4}"#,
+            r#"{"command":{"x":[1]},"data":{}}"#,
+            r#"{"command":-1.5}"#,
             r#"{"command":"ping","data":[]}"#,
             r#"{"command":"ping","data":"x","id":9}"#,
             r#"{"command":"ping","id":{}}"#,

@@ -18,15 +18,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use serde_json::Value;
-
 use crate::connection::{Connection, Head, Incoming, SendError};
 use crate::context::Context;
 use crate::descriptors::{self, Spare, Throttle};
 use crate::error::Error;
 use crate::events::Event;
 use crate::protocol::{ErrorCode, Reply, Request};
-use crate::registry::{HandlerFuture, Registry, Success};
+use crate::registry::{HandlerFuture, Registry};
 use crate::session::{Lagged, Session};
 use crate::store::SetupError;
 
@@ -458,12 +456,6 @@ enum Flow {
     Closed,
 }
 
-/// What a request is answered with.
-enum Answer {
-    Reply(Reply),
-    Success(Success, Option<Value>),
-}
-
 /// Runs one connection until it closes, the client misbehaves beyond
 /// recovery, or the server shuts down.
 ///
@@ -612,7 +604,7 @@ async fn answer_buffered(
     session: &mut Session,
 ) -> Flow {
     while let Some(incoming) = conn.buffered_request() {
-        let answer = match incoming {
+        let queued = match incoming {
             Incoming::TooLarge => {
                 tracing::info!(
                     limit = context.config.max_request_bytes,
@@ -628,32 +620,29 @@ async fn answer_buffered(
                 conn.close_with(&reply).await;
                 return Flow::Closed;
             }
-            Incoming::Bad(reply) => Answer::Reply(reply),
+            Incoming::Bad(reply) => conn.queue_reply(&reply).map_err(SendError::Io),
             Incoming::Request(Request { command, data, id }) => {
                 // A revocation or expiry noticed meanwhile applies before
                 // this command.
                 session.settle().await;
                 let (name, handled) = dispatch(context, registry, session, &command, data);
                 match handled.await {
-                    Ok(success) => Answer::Success(success, id),
+                    Ok(mut success) => match success.listing.take() {
+                        None => conn
+                            .queue_success(&success, id.as_ref())
+                            .map_err(SendError::Io),
+                        Some(listing) => {
+                            conn.write_listing(Head::of(&success), listing, id.as_ref())
+                                .await
+                        }
+                    },
                     Err(err) => {
                         tracing::debug!(command = name, code = %err.code, "command failed");
-                        Answer::Reply(err.into_reply().with_id(id))
+                        conn.queue_reply(&err.into_reply().with_id(id))
+                            .map_err(SendError::Io)
                     }
                 }
             }
-        };
-        let queued = match answer {
-            Answer::Reply(reply) => conn.queue_reply(&reply).map_err(SendError::Io),
-            Answer::Success(mut success, id) => match success.listing.take() {
-                None => conn
-                    .queue_success(&success, id.as_ref())
-                    .map_err(SendError::Io),
-                Some(listing) => {
-                    conn.write_listing(Head::of(&success), listing, id.as_ref())
-                        .await
-                }
-            },
         };
         let sent = match queued {
             Ok(()) if conn.backlogged() => conn.flush().await.map_err(SendError::Io),
