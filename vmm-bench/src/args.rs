@@ -17,6 +17,7 @@ pub struct Cli {
 const EXAMPLES: &str = "Examples:
   vmm-bench ping --conns 16 --secs 5
   vmm-bench ping --conns 16 --pipeline 16
+  vmm-bench ping --conns 16 --split-cpus
   vmm-bench all_vms --conns 8 --ping-beside --seed 100000 --direct-db postgres://postgres@127.0.0.1:5432/vmm_bench
   vmm-bench register --count 1000 --conns 8
   vmm-bench idle --conns 10000
@@ -181,6 +182,15 @@ pub struct Options {
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
 
+    /// The bench's client on the first half of the CPUs this process may
+    /// use, the servers it measures on the other half: the limit server's
+    /// threads, and the real server's (all of them, when it runs on this
+    /// machine; their affinity is given back at the end). The ratios then
+    /// say whether the server keeps up with what the client can drive,
+    /// rather than how its CPU per request compares with the limit's.
+    #[arg(long, global = true)]
+    pub split_cpus: bool,
+
     /// Seconds any single connect, read or write may wait before the bench
     /// gives up on it.
     #[arg(long, global = true, default_value_t = 30.0)]
@@ -212,6 +222,17 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["vmm-bench", "--scenario", "all"]).unwrap();
         assert_eq!(cli.options.scenario, Some(Scenario::All));
+        assert!(!cli.options.split_cpus);
+        let cli = Cli::try_parse_from(["vmm-bench", "--split-cpus", "scenario", "issue8"]).unwrap();
+        assert!(cli.options.split_cpus);
+        assert_eq!(
+            cli.workload,
+            Some(Workload::Scenario {
+                name: Scenario::Issue8
+            })
+        );
+        let cli = Cli::try_parse_from(["vmm-bench", "ping", "--split-cpus"]).unwrap();
+        assert!(cli.options.split_cpus);
         assert!(Cli::try_parse_from(["vmm-bench", "ping", "--pipeline", "0"]).is_err());
     }
 }

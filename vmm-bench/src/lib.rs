@@ -12,6 +12,7 @@
 //! - [`conn`]: one connection, raw bytes out, reply lines in.
 //! - [`net`]: connecting, spread over loopback source addresses.
 //! - [`canned`]: the limit server.
+//! - [`cpus`]: `--split-cpus`, the client and the servers on CPUs of their own.
 //! - [`seed`]: bench VMs, through `register` or COPY.
 //! - [`rss`]: the server's process and its resident memory.
 //! - [`stats`]: latency histograms.
@@ -20,6 +21,7 @@
 pub mod args;
 pub mod canned;
 pub mod conn;
+pub mod cpus;
 pub mod error;
 pub mod load;
 pub mod net;
@@ -37,7 +39,9 @@ pub use error::{BenchError, Result};
 pub use report::Report;
 
 use args::{Options, Workload};
+use cpus::{Pinned, Split};
 use net::Dialer;
+use report::CpuSplit;
 use steps::Step;
 
 /// A run in progress: the target, its server process, and the report.
@@ -49,6 +53,10 @@ pub struct Bench {
     pub report: Report,
     /// The request that authenticates a reading connection, once known.
     reader: Option<serde_json::Value>,
+    /// With --split-cpus: the CPUs of each side.
+    pub split: Option<Split>,
+    /// The real server's threads while they are on the servers' CPUs.
+    pinned: Option<Pinned>,
 }
 
 impl Bench {
@@ -83,7 +91,70 @@ impl Bench {
             timeout,
             report,
             reader: None,
+            split: None,
+            pinned: None,
         })
+    }
+
+    /// With a split, moves the real server's threads to the servers' CPUs
+    /// for the run (see [`Bench::finish`]), where it is a process of its
+    /// own on this machine; says in the report what was done.
+    pub fn pin_server(&mut self) -> Result<()> {
+        let Some(split) = &self.split else {
+            return Ok(());
+        };
+        let on = report::cpus_named(&split.server);
+        let (server, threads) = match self.server_pid {
+            None => (
+                "the server's process is not on this machine (or /proc does not show it): \
+                 not pinned, only the bench's client is"
+                    .to_owned(),
+                None,
+            ),
+            // Pinning this process would move the client with the server.
+            Some(pid) if pid == std::process::id() => (
+                format!(
+                    "the server runs inside the bench's own process (pid {pid}): not pinned, \
+                     only the bench's client is"
+                ),
+                None,
+            ),
+            Some(pid) => {
+                let pinned = cpus::pin_process(pid, &split.server)?;
+                let threads = pinned.threads();
+                self.pinned = Some(pinned);
+                let plural = if threads == 1 { "" } else { "s" };
+                (
+                    format!(
+                        "server pid {pid}: its {threads} thread{plural} pinned to {on} for the run, \
+                         their affinity given back after"
+                    ),
+                    Some(threads),
+                )
+            }
+        };
+        progress(&format!(
+            "CPUs split: client on {}, servers on {on}; {server}",
+            report::cpus_named(&split.client)
+        ));
+        self.report.cpu_split = Some(CpuSplit {
+            client_cpus: split.client.clone(),
+            server_cpus: split.server.clone(),
+            server_threads_pinned: threads,
+            server,
+        });
+        Ok(())
+    }
+
+    /// Gives the real server its CPU affinity back, if it was pinned, and
+    /// returns the report (with a failure if that could not be done).
+    pub fn finish(mut self) -> Report {
+        if let Some(pinned) = self.pinned.take()
+            && let Err(err) = pinned.restore()
+        {
+            self.report.failures.push(err.0);
+        }
+        self.report
     }
 
     /// A dialer for the target with `per_address` connections per source
@@ -131,10 +202,41 @@ impl Bench {
     }
 }
 
-/// Runs what the command line asks for and returns the report. An error is
-/// a run that could not start at all; workloads that failed are in the
-/// report's `failures`.
+/// Runs what the command line asks for on a runtime of its own, built
+/// here, and returns the report. With --split-cpus the calling thread is
+/// pinned to the client's CPUs before the runtime is built, so that all of
+/// the runtime's threads (which inherit it) run there; the calling thread
+/// stays pinned.
+pub fn run_blocking(cli: Cli) -> Result<Report> {
+    let split = if cli.options.split_cpus {
+        let split = cpus::split(&cpus::allowed()?)?;
+        cpus::pin_this_thread(&split.client)?;
+        Some(split)
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| BenchError::new(format!("cannot start the bench's runtime: {err}")))?;
+    runtime.block_on(run_with(cli, split))
+}
+
+/// Runs what the command line asks for on the caller's runtime and returns
+/// the report. An error is a run that could not start at all; workloads
+/// that failed are in the report's `failures`. --split-cpus needs
+/// [`run_blocking`]: the caller's runtime threads exist already.
 pub async fn run(cli: Cli) -> Result<Report> {
+    if cli.options.split_cpus {
+        return Err(BenchError::new(
+            "--split-cpus places the bench's threads before its runtime is built: \
+             call vmm_bench::run_blocking",
+        ));
+    }
+    run_with(cli, None).await
+}
+
+async fn run_with(cli: Cli, split: Option<Split>) -> Result<Report> {
     let scenario = match (&cli.workload, cli.options.scenario) {
         (Some(Workload::Scenario { name }), _) => Some(*name),
         (None, Some(name)) => Some(name),
@@ -152,14 +254,43 @@ pub async fn run(cli: Cli) -> Result<Report> {
         (Some(_), None) => None,
     };
     let mut bench = Bench::new(cli.options).await?;
+    bench.split = split;
     bench.probe().await?;
+    bench.pin_server()?;
     let steps = match (scenario, &cli.workload) {
         (Some(name), _) => steps::scenario(name, &bench.options),
         (None, Some(workload)) => steps::single(workload, &bench.options),
         (None, None) => Vec::new(),
     };
-    bench.run_steps(steps).await;
-    Ok(bench.report)
+    if bench.pinned.is_none() {
+        bench.run_steps(steps).await;
+        return Ok(bench.finish());
+    }
+    // A server pinned by this run is given its affinity back on Ctrl-C
+    // too (the default would end the process on the spot).
+    let interrupted = tokio::select! {
+        () = bench.run_steps(steps) => false,
+        () = ctrl_c() => true,
+    };
+    let report = bench.finish();
+    if interrupted {
+        let undone = report
+            .failures
+            .iter()
+            .map(|f| format!("; {f}"))
+            .collect::<String>();
+        return Err(BenchError::new(format!(
+            "interrupted; the server's CPU affinity is given back{undone}"
+        )));
+    }
+    Ok(report)
+}
+
+/// Ctrl-C; never, where its handler cannot be installed.
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Progress goes to stderr, so that `--json` output stays one document.

@@ -4,11 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = vmm_bench::Cli::parse();
     let json = cli.options.json;
-    match vmm_bench::run(cli).await {
+    // Builds the runtime itself: --split-cpus pins the thread that builds it.
+    match vmm_bench::run_blocking(cli) {
         Ok(report) => {
             if json {
                 println!("{}", report.json());

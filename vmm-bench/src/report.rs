@@ -73,6 +73,21 @@ impl Row {
     }
 }
 
+/// A --split-cpus run: the CPUs of each side, and whether the real server
+/// could be placed on its side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CpuSplit {
+    /// The bench's client threads.
+    pub client_cpus: Vec<usize>,
+    /// The limit server's threads, and the real server's when pinned.
+    pub server_cpus: Vec<usize>,
+    /// The real server's threads pinned to `server_cpus` for the run;
+    /// `None` when it was not pinned (`server` says why).
+    pub server_threads_pinned: Option<usize>,
+    /// What was done with the real server, in a sentence.
+    pub server: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub target: String,
@@ -81,6 +96,9 @@ pub struct Report {
     pub run: String,
     /// The bench's own open-file limit after raising it.
     pub nofile_limit: Option<u64>,
+    /// With --split-cpus: where each side ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_split: Option<CpuSplit>,
     pub seeding: Vec<Seeded>,
     pub rows: Vec<Row>,
     /// Figures that are not rows: RSS growth, RSS per connection, targets.
@@ -104,6 +122,15 @@ impl Report {
             "target {}  server pid {pid}  run {}",
             self.target, self.run
         );
+        if let Some(split) = &self.cpu_split {
+            let _ = writeln!(
+                out,
+                "CPUs split: bench client on {}, limit and server on {}; {}",
+                cpus_named(&split.client_cpus),
+                cpus_named(&split.server_cpus),
+                split.server
+            );
+        }
         for s in &self.seeding {
             let _ = writeln!(
                 out,
@@ -201,6 +228,12 @@ impl Report {
         }
         out
     }
+}
+
+/// `CPU 0`, `CPUs 0-3`.
+pub fn cpus_named(cpus: &[usize]) -> String {
+    let plural = if cpus.len() == 1 { "" } else { "s" };
+    format!("CPU{plural} {}", crate::cpus::cpu_list(cpus))
 }
 
 /// KiB as MiB with one decimal.

@@ -427,9 +427,14 @@ impl Bench {
         if !self.options.no_limit {
             // The limit server's ends of the connections are in this process too.
             net::check_nofile(2 * conns)?;
-            let canned = Canned::start().await?;
+            let canned = Canned::start(self.split.as_ref()).await?;
             let dialer = Dialer::new(canned.addr, PER_ADDRESS, self.timeout);
             let m = self.measure(&dialer, &load, None).await?;
+            if let Some(failure) = canned.pin_failure() {
+                return Err(BenchError::new(format!(
+                    "the limit server could not be placed on the servers' CPUs: {failure}"
+                )));
+            }
             drop(canned);
             let tallies: Vec<&Tally> = m.tallies.iter().collect();
             let limit_row = row("ping", "limit", pipeline, &tallies, m.elapsed);

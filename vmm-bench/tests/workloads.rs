@@ -197,3 +197,114 @@ async fn a_server_that_is_not_there_is_named_as_such() {
         "{err}"
     );
 }
+
+/// `run_blocking` (what the binary calls) on a thread of its own, as the
+/// binary's main thread: with --split-cpus it pins that thread. The CPUs
+/// the thread ends up on come back with the outcome.
+async fn bench_on_own_runtime(
+    server: &TestServer,
+    args: &[&str],
+) -> (Result<Report, vmm_bench::BenchError>, Vec<usize>) {
+    let addr = server.addr.to_string();
+    let mut argv = vec!["vmm-bench", "--addr", &addr];
+    argv.extend(args);
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|err| panic!("{argv:?}: {err}"));
+    let thread = std::thread::spawn(move || {
+        let outcome = vmm_bench::run_blocking(cli);
+        (outcome, vmm_bench::cpus::allowed().unwrap())
+    });
+    tokio::time::timeout(
+        PATIENCE * 4,
+        tokio::task::spawn_blocking(move || thread.join()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{argv:?} did not finish in time"))
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_cpus_puts_the_client_and_the_servers_apart() {
+    let server = server().await;
+    let allowed = vmm_bench::cpus::allowed().unwrap();
+    let args = ["ping", "--split-cpus", "--conns", "2", "--secs", "1"];
+    if allowed.len() < 2 {
+        let (outcome, _) = bench_on_own_runtime(&server, &args).await;
+        let err = outcome.expect_err("no split on one CPU");
+        assert!(err.0.contains("at least 2 CPUs"), "{err}");
+        return;
+    }
+    let halves = vmm_bench::cpus::split(&allowed).unwrap();
+
+    // The server is inside this process: the client is pinned, the server
+    // (and with it this test) is not.
+    let (outcome, client_thread) = bench_on_own_runtime(&server, &args).await;
+    let report = outcome.unwrap();
+    clean(&report, 2);
+    assert_eq!(client_thread, halves.client);
+    assert_eq!(vmm_bench::cpus::allowed().unwrap(), allowed);
+    let split = report.cpu_split.as_ref().expect("the split is reported");
+    assert_eq!(split.client_cpus, halves.client);
+    assert_eq!(split.server_cpus, halves.server);
+    assert_eq!(split.server_threads_pinned, None);
+    assert!(
+        split.server.contains("inside the bench's own process"),
+        "{}",
+        split.server
+    );
+    let table = report.table();
+    assert!(
+        table.contains(&format!(
+            "CPUs split: bench client on {}, limit and server on {}",
+            vmm_bench::report::cpus_named(&halves.client),
+            vmm_bench::report::cpus_named(&halves.server)
+        )),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.json()).unwrap();
+    assert_eq!(
+        json["cpu_split"]["client_cpus"],
+        serde_json::json!(halves.client)
+    );
+    assert_eq!(
+        json["cpu_split"]["server_cpus"],
+        serde_json::json!(halves.server)
+    );
+
+    // A server process of its own (named with --server-pid; a stand-in,
+    // since the server here is in this process): pinned for the run, its
+    // affinity given back after.
+    let mut stand_in = std::process::Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .unwrap();
+    let before = vmm_bench::cpus::affinity_of(stand_in.id()).unwrap();
+    let pid = stand_in.id().to_string();
+    let (outcome, _) = bench_on_own_runtime(
+        &server,
+        &[
+            "ping",
+            "--split-cpus",
+            "--no-limit",
+            "--secs",
+            "0.3",
+            "--server-pid",
+            &pid,
+        ],
+    )
+    .await;
+    let after = vmm_bench::cpus::affinity_of(stand_in.id()).unwrap();
+    stand_in.kill().unwrap();
+    stand_in.wait().unwrap();
+    let report = outcome.unwrap();
+    assert!(report.failures.is_empty(), "{}", report.table());
+    let split = report.cpu_split.as_ref().expect("the split is reported");
+    assert_eq!(split.server_threads_pinned, Some(1), "{}", split.server);
+    assert!(split.server.contains(&format!("server pid {pid}")));
+    assert_eq!(after, before);
+
+    // The caller's runtime exists already: the split needs run_blocking.
+    let cli = Cli::try_parse_from(["vmm-bench", "--split-cpus", "ping"]).unwrap();
+    let err = vmm_bench::run(cli).await.expect_err("not on this runtime");
+    assert!(err.0.contains("run_blocking"), "{err}");
+}
