@@ -573,8 +573,7 @@ impl Shell {
                         code: Some(ErrorCode::Forbidden),
                     } if !secret_sent => Failure::Server {
                         message: format!(
-                            "{message}; this server wants its registration secret: \
-                                 set $VMM_REGISTRATION_SECRET before starting the shell"
+                            "{message}; set $VMM_REGISTRATION_SECRET before starting the shell"
                         ),
                         code: Some(ErrorCode::Forbidden),
                     },
