@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use vmm_core::client::Update;
-use vmm_tests::{RawConn, TestServer, err, ok, password_for, registration};
+use vmm_tests::{PATIENCE, RawConn, TestServer, err, ok, password_for, registration};
 
 async fn watcher(server: &TestServer, vm_id: &str, topics: Option<Value>) -> RawConn {
     let mut conn = server.raw().await;
@@ -160,6 +160,37 @@ async fn topics_filter_and_unwatch_stops() {
     // The next line is the ping's reply, not an event about v3.
     let reply = conn.call(json!({"command": "ping", "id": 2})).await;
     assert_eq!(reply["id"], 2, "{reply}");
+}
+
+/// Event lines come from PostgreSQL's NOTIFY, whose `json` text is spaced
+/// (`"event" : ...`); they reach watchers compact, like replies, with their
+/// keys in the documented order.
+#[tokio::test]
+async fn event_lines_are_compact_json() {
+    let server = TestServer::start().await;
+    let mut conn = watcher(&server, "compact-watcher", Some(json!(["vms"]))).await;
+    let mut actor = server.client().await;
+    actor
+        .register(&registration("compact-actor", 512, vec![10]))
+        .await
+        .unwrap();
+    let mut line = String::new();
+    let read = tokio::time::timeout(PATIENCE, conn.reader.read_line(&mut line)).await;
+    assert!(
+        matches!(read, Ok(Ok(n)) if n > 0),
+        "no event line in time: {read:?}"
+    );
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["event"], "vm_registered", "{line}");
+    assert!(about(&event, "compact-actor"), "{line}");
+    assert_eq!(line, format!("{event}\n"), "not compact: {line}");
+    let keys: Vec<&str> = event
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["event", "data", "at"]);
 }
 
 #[tokio::test]

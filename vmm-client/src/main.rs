@@ -772,6 +772,23 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// The shell's help sends people to `vmm-client commands` for the
+    /// server's commands: `vmm-client help` lists the client's subcommands.
+    #[test]
+    fn the_shell_help_points_at_the_server_commands_subcommand() {
+        let help = shell::help_text();
+        assert!(help.contains("`vmm-client commands`"), "{help}");
+        assert!(!help.contains("`vmm-client help`"), "{help}");
+        let commands = Cli::command();
+        let commands = commands.find_subcommand("commands").map(|c| c.get_about());
+        assert!(
+            commands.is_some_and(|about| about.is_some_and(|about| about
+                .to_string()
+                .contains("commands the server understands"))),
+            "{commands:?}"
+        );
+    }
+
     #[test]
     fn update_needs_a_change() {
         let parsed = Cli::try_parse_from(["vmm-client", "update", "--vm-id", "a"]);

@@ -194,7 +194,8 @@ const COMMANDS: &[Entry] = &[
         help: &[
             "send a raw JSON request, print the reply",
             "verbatim: any server command (see",
-            "`vmm-client help`), several per line too",
+            "`vmm-client commands`), several per line",
+            "too",
         ],
         action: Action::Raw,
     },
@@ -226,7 +227,7 @@ password, token or secret, and those that are not commands.";
 const HELP_COLUMN: usize = 40;
 
 /// The shell's `help`, made from [`COMMANDS`].
-fn help_text() -> String {
+pub(crate) fn help_text() -> String {
     let mut text = format!("{HELP_HEAD}\n");
     let indent = " ".repeat(HELP_COLUMN);
     for entry in COMMANDS {
@@ -572,8 +573,7 @@ impl Shell {
                         code: Some(ErrorCode::Forbidden),
                     } if !secret_sent => Failure::Server {
                         message: format!(
-                            "{message}; this server wants its registration secret: \
-                                 set $VMM_REGISTRATION_SECRET before starting the shell"
+                            "{message}; set $VMM_REGISTRATION_SECRET before starting the shell"
                         ),
                         code: Some(ErrorCode::Forbidden),
                     },

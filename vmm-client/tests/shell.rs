@@ -164,6 +164,13 @@ async fn the_shell_says_where_the_registration_secret_comes_from() {
         "{}",
         run.stderr
     );
+    // The hint follows the server's message without saying it again.
+    let error = run.stderr.lines().find(|line| line.contains("forbidden"));
+    assert!(
+        error.is_some_and(|line| line.matches("this server").count() == 1),
+        "{}",
+        run.stderr
+    );
 
     let mut with_secret = shell(&addr, &home.0);
     with_secret.env("VMM_REGISTRATION_SECRET", "fleet-secret");

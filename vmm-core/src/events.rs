@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 
 /// The NOTIFY channel the triggers publish on.
@@ -58,15 +57,17 @@ pub struct Event {
 }
 
 impl Event {
+    /// PostgreSQL writes `json` with spaces around `:` and after `,`
+    /// (`{"event" : "vm_updated", ...}`); the line is written compact, as
+    /// replies are and as the README shows events, keeping the key order
+    /// (serde_json's `preserve_order`). Once per event per instance, not per
+    /// watcher.
     pub(crate) fn from_payload(payload: &str) -> Option<Event> {
-        #[derive(Deserialize)]
-        struct Head {
-            event: String,
-        }
-        let head: Head = serde_json::from_str(payload).ok()?;
+        let value: serde_json::Value = serde_json::from_str(payload).ok()?;
+        let name = value.get("event")?.as_str()?.into();
         Some(Event {
-            name: head.event.into(),
-            line: format!("{payload}\n").into(),
+            name,
+            line: format!("{value}\n").into(),
         })
     }
 }
@@ -114,5 +115,18 @@ mod tests {
         assert_eq!(&*event.name, "vm_updated");
         assert!(event.line.ends_with("}\n"));
         assert!(Event::from_payload("nope").is_none());
+        assert!(Event::from_payload(r#"{"data":{}}"#).is_none());
+    }
+
+    #[test]
+    fn event_lines_are_compact_in_their_key_order() {
+        // As PostgreSQL's json_build_object writes it.
+        let payload = r#"{"event" : "vm_updated", "data" : {"vm" : {"vm_id" : "a", "disks" : [{"id" : 1, "disk_size" : 2}]}}, "at" : "t"}"#;
+        let event = Event::from_payload(payload).unwrap();
+        assert_eq!(&*event.name, "vm_updated");
+        assert_eq!(
+            &*event.line,
+            "{\"event\":\"vm_updated\",\"data\":{\"vm\":{\"vm_id\":\"a\",\"disks\":[{\"id\":1,\"disk_size\":2}]}},\"at\":\"t\"}\n"
+        );
     }
 }
