@@ -110,13 +110,18 @@ pub struct Context {
     pub audit_log: crate::audit::AuditLog,
     /// Lists running at once, bounded.
     pub lists: crate::listing::Lists,
+    /// This instance's metrics, served by [`crate::health::serve`].
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Context {
     /// Builds a context without touching the database.
     pub fn new(config: Config) -> Result<Arc<Context>, SetupError> {
         let store = Store::new(&config.database_url, config.db_pool_size)?;
+        let commands =
+            crate::registry::Registry::global().map_err(|err| SetupError(err.to_string()))?;
         Ok(Arc::new(Context {
+            metrics: crate::metrics::Metrics::new(commands),
             passwords: Passwords::new(config.hash_concurrency, config.hash_cost)
                 .map_err(SetupError)?,
             events: crate::events::Events::default(),
@@ -178,6 +183,7 @@ impl Context {
             .join(&context.config.instance_name, context.config.instance_lease)
             .await
             .map_err(|err| SetupError(format!("cannot register this instance: {err}")))?;
+        context.metrics.lease_renewed(true);
         Ok(context)
     }
 }

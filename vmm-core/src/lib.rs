@@ -38,6 +38,10 @@
 //!   graceful shutdown.
 //! - [`descriptors`]: the open-file limit: raising it, fitting the
 //!   connection limit under it, and refusing clients when it is reached.
+//! - [`metrics`]: this instance's Prometheus metrics, in a registry of its
+//!   own.
+//! - [`health`]: the HTTP listener for `/metrics`, `/healthz` and
+//!   `/readyz` (`--metrics-listen`).
 //! - [`client`]: a small async [`Client`] with a typed method per command.
 //! - [`tls`]: rustls server and client configurations from PEM files.
 //!
@@ -77,8 +81,10 @@ pub mod context;
 pub mod descriptors;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod listener;
 pub mod listing;
+pub mod metrics;
 pub mod params;
 pub mod password;
 pub mod presence;

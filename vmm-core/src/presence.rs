@@ -26,6 +26,7 @@ async fn renew(context: &Context) -> Result<()> {
         sessions
             .join(&config.instance_name, config.instance_lease)
             .await?;
+        context.metrics.lease_renewed(true);
         return Ok(());
     }
     if context
@@ -39,6 +40,7 @@ async fn renew(context: &Context) -> Result<()> {
         );
         sessions.mark_dirty();
     }
+    context.metrics.lease_renewed(true);
     if sessions.take_dirty() {
         // Sessions opened before the instance first joined are known only here.
         let live: Vec<_> = sessions
@@ -75,6 +77,7 @@ pub(crate) fn maintain(context: Arc<Context>) -> AbortOnDrop {
                 }
                 Ok(()) => {}
                 Err(err) => {
+                    context.metrics.lease_renewed(false);
                     if healthy {
                         tracing::warn!(error = %err, "cannot renew this instance's lease");
                     }

@@ -109,7 +109,10 @@ impl std::error::Error for DuplicateCommand {}
 
 #[derive(Debug)]
 pub struct Registry {
-    commands: BTreeMap<&'static str, &'static Command>,
+    /// Each command with its position in name order, which
+    /// [`crate::metrics`] uses to find the command's counters without
+    /// hashing its name again.
+    commands: BTreeMap<&'static str, (usize, &'static Command)>,
 }
 
 impl Registry {
@@ -127,20 +130,36 @@ impl Registry {
     ) -> Result<Registry, DuplicateCommand> {
         let mut map = BTreeMap::new();
         for command in commands {
-            if map.insert(command.name, command).is_some() {
+            if map.insert(command.name, (0, command)).is_some() {
                 return Err(DuplicateCommand(command.name));
             }
+        }
+        for (index, entry) in map.values_mut().enumerate() {
+            entry.0 = index;
         }
         Ok(Registry { commands: map })
     }
 
     pub fn get(&self, name: &str) -> Option<&'static Command> {
+        self.commands.get(name).map(|&(_, command)| command)
+    }
+
+    /// The command and its position in [`Registry::commands`].
+    pub fn find(&self, name: &str) -> Option<(usize, &'static Command)> {
         self.commands.get(name).copied()
     }
 
     /// Every command, by name.
     pub fn commands(&self) -> impl Iterator<Item = &'static Command> + '_ {
-        self.commands.values().copied()
+        self.commands.values().map(|&(_, command)| command)
+    }
+
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
     }
 }
 
@@ -173,6 +192,7 @@ mod tests {
         let registry = Registry::from_commands([&A, &B]).unwrap();
         assert_eq!(registry.get("b").unwrap().name, "b");
         assert!(registry.get("c").is_none());
+        assert_eq!(registry.find("b").map(|(index, _)| index), Some(1));
         let err = Registry::from_commands([&A, &B, &A_AGAIN]).unwrap_err();
         assert_eq!(err, DuplicateCommand("a"));
         assert!(err.to_string().contains("`a`"));

@@ -23,6 +23,7 @@ use crate::context::Context;
 use crate::descriptors::{self, Spare, Throttle};
 use crate::error::Error;
 use crate::events::Event;
+use crate::metrics::CommandSlot;
 use crate::protocol::{ErrorCode, Reply, Request};
 use crate::registry::{HandlerFuture, Registry};
 use crate::session::{Lagged, Session};
@@ -103,6 +104,7 @@ pub async fn serve(
                         let mut stop = stop.subscribe();
                         tasks.spawn(
                             async move {
+                                let _connected = crate::metrics::Connected::new(&context.metrics);
                                 // Boxed: a TLS handshake's state is large, and
                                 // would otherwise be part of every connection's
                                 // task for its whole life.
@@ -620,13 +622,24 @@ async fn answer_buffered(
                 conn.close_with(&reply).await;
                 return Flow::Closed;
             }
-            Incoming::Bad(reply) => conn.queue_reply(&reply).map_err(SendError::Io),
+            Incoming::Bad(reply) => {
+                let metrics = &context.metrics;
+                // Not a request at all: counted as an unknown command with
+                // its error code.
+                let code = reply.code.unwrap_or(ErrorCode::InvalidRequest);
+                metrics.command(metrics.slot(None), Some(code), Duration::ZERO);
+                conn.queue_reply(&reply).map_err(SendError::Io)
+            }
             Incoming::Request(Request { command, data, id }) => {
                 // A revocation or expiry noticed meanwhile applies before
                 // this command.
                 session.settle().await;
-                let (name, handled) = dispatch(context, registry, session, &command, data);
-                match handled.await {
+                let started = Instant::now();
+                let (name, slot, handled) = dispatch(context, registry, session, &command, data);
+                let handled = handled.await;
+                let outcome = handled.as_ref().err().map(|err| err.code);
+                context.metrics.command(slot, outcome, started.elapsed());
+                match handled {
                     Ok(mut success) => match success.listing.take() {
                         None => conn
                             .queue_success(&success, id.as_ref())
@@ -669,18 +682,24 @@ async fn answer_buffered(
 /// The handler of `command`, called: its future is boxed already, so the
 /// connection's task holds a pointer to it, not its state. Also the name to
 /// log: only a registered one, since an unknown one is arbitrary client
-/// input and could be anything, a password included.
+/// input and could be anything, a password included. And the command's
+/// slot in the metrics, found by its position in the registry.
 fn dispatch<'a>(
     context: &'a Context,
     registry: &Registry,
     session: &'a mut Session,
     command: &str,
     data: crate::protocol::Data,
-) -> (&'static str, HandlerFuture<'a>) {
-    match registry.get(command) {
-        Some(command) => (command.name, (command.handler)(context, session, data)),
+) -> (&'static str, CommandSlot, HandlerFuture<'a>) {
+    match registry.find(command) {
+        Some((index, command)) => (
+            command.name,
+            context.metrics.slot(Some(index)),
+            (command.handler)(context, session, data),
+        ),
         None => (
-            "(unknown)",
+            crate::metrics::UNKNOWN_COMMAND,
+            context.metrics.slot(None),
             Box::pin(std::future::ready(Err(Error::new(
                 ErrorCode::UnknownCommand,
                 "unknown command; send {\"command\": \"help\"} for the list",

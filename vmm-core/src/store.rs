@@ -400,6 +400,21 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// Whether the database answers a trivial query, for the readiness
+    /// check; PostgreSQL's or the pool's words when it does not.
+    pub async fn ping(&self) -> Result<(), String> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|err| Unready::of_pool(&err).reason)?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|err| Unready::of_postgres(&err).reason)?;
+        Ok(())
+    }
+
     /// Waits until the database answers, logging each failed attempt. Only
     /// what waiting can fix is retried: PostgreSQL not listening yet, not
     /// answering in time, or still starting up. Anything else (no such

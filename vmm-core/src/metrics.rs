@@ -1,0 +1,303 @@
+//! This instance's metrics, in a Prometheus registry of its own (one per
+//! [`Context`](crate::Context), so that several servers in one process, or
+//! in one test binary, do not add into each other's figures).
+//!
+//! The names are fixed because dashboards and alerts depend on them, and
+//! label values come only from fixed sets (command names from the
+//! registry, error codes, outcomes), so that no client can create series.
+//!
+//! Counting a request must cost a few atomic operations: the counters of
+//! each command and outcome are found by the command's position in the
+//! registry, created on first use (the only allocation), then kept.
+
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, TextEncoder,
+};
+
+use crate::protocol::ErrorCode;
+use crate::registry::Registry;
+
+/// The `command` label of requests whose command is not registered (or
+/// that had none): never the name the client sent.
+pub const UNKNOWN_COMMAND: &str = "(unknown)";
+
+/// The content type of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+/// Latency buckets, in seconds: a ping takes well under a millisecond, a
+/// login with argon2 tens of milliseconds, a large list seconds.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Outcomes: `success`, then each error code in [`ErrorCode::ALL`]'s order.
+const OUTCOMES: usize = 1 + ErrorCode::ALL.len();
+
+/// One command's series, each made when first needed.
+#[derive(Debug, Default)]
+struct CommandSeries {
+    outcomes: [OnceLock<IntCounter>; OUTCOMES],
+    duration: OnceLock<Histogram>,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: prometheus::Registry,
+    /// Open connections on this instance.
+    pub connections: IntGauge,
+    commands_total: IntCounterVec,
+    command_duration: HistogramVec,
+    /// The command names, by their position in the command registry.
+    names: Vec<&'static str>,
+    /// Indexed like `names`, then one more for [`UNKNOWN_COMMAND`].
+    series: Vec<CommandSeries>,
+    password_hashes: IntCounter,
+    lease_renewals_success: IntCounter,
+    lease_renewals_failure: IntCounter,
+    lease_age: Gauge,
+    started: Instant,
+    renewed: Mutex<Option<Instant>>,
+    /// Serialises scrapes, which bring the figures read at scrape time up
+    /// to date before encoding.
+    scrape: Mutex<()>,
+}
+
+/// A command's slot in [`Metrics`]: its position in the registry, or the
+/// one for unknown commands.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandSlot(usize);
+
+impl Metrics {
+    /// The metrics of an instance serving `commands`.
+    pub fn new(commands: &Registry) -> Metrics {
+        let registry = prometheus::Registry::new();
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "vmm_build_info",
+                "Always 1; the label is the vmm version this instance runs.",
+            ),
+            &["version"],
+        )
+        .expect("a valid metric definition");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let connections = IntGauge::new("vmm_connections", "Open connections on this instance.")
+            .expect("a valid metric definition");
+        let commands_total = IntCounterVec::new(
+            Opts::new(
+                "vmm_commands_total",
+                "Commands answered, by command and outcome (success or the error code).",
+            ),
+            &["command", "outcome"],
+        )
+        .expect("a valid metric definition");
+        let command_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "vmm_command_duration_seconds",
+                "Time from a request's dispatch to its reply being queued.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["command"],
+        )
+        .expect("a valid metric definition");
+        let password_hashes = IntCounter::new(
+            "vmm_password_hashes_total",
+            "argon2id hashes computed (registrations, logins, re-hashes).",
+        )
+        .expect("a valid metric definition");
+        let lease_renewals = IntCounterVec::new(
+            Opts::new(
+                "vmm_lease_renewals_total",
+                "Renewals of this instance's lease in the shared database, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("a valid metric definition");
+        let lease_age = Gauge::new(
+            "vmm_lease_age_seconds",
+            "Seconds since this instance's lease was last renewed (since start before the first).",
+        )
+        .expect("a valid metric definition");
+        for collector in [
+            Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections.clone()),
+            Box::new(commands_total.clone()),
+            Box::new(command_duration.clone()),
+            Box::new(password_hashes.clone()),
+            Box::new(lease_renewals.clone()),
+            Box::new(lease_age.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are distinct");
+        }
+        let names: Vec<&'static str> = commands.commands().map(|command| command.name).collect();
+        let series = (0..=names.len())
+            .map(|_| CommandSeries::default())
+            .collect();
+        Metrics {
+            registry,
+            connections,
+            commands_total,
+            command_duration,
+            names,
+            series,
+            password_hashes,
+            lease_renewals_success: lease_renewals.with_label_values(&["success"]),
+            lease_renewals_failure: lease_renewals.with_label_values(&["failure"]),
+            lease_age,
+            started: Instant::now(),
+            renewed: Mutex::new(None),
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// The slot of the command at `index` in the registry, or of unknown
+    /// commands.
+    pub fn slot(&self, index: Option<usize>) -> CommandSlot {
+        match index {
+            Some(index) if index < self.names.len() => CommandSlot(index),
+            _ => CommandSlot(self.names.len()),
+        }
+    }
+
+    fn name(&self, slot: CommandSlot) -> &'static str {
+        self.names.get(slot.0).copied().unwrap_or(UNKNOWN_COMMAND)
+    }
+
+    /// Counts one answered request: its outcome (`None`: success) and how
+    /// long it took.
+    pub fn command(&self, slot: CommandSlot, outcome: Option<ErrorCode>, took: Duration) {
+        let Some(series) = self.series.get(slot.0) else {
+            return;
+        };
+        let index = outcome.map_or(0, |code| code as usize + 1);
+        if let Some(counter) = series.outcomes.get(index) {
+            counter
+                .get_or_init(|| {
+                    let outcome = outcome.map_or("success", ErrorCode::as_str);
+                    self.commands_total
+                        .with_label_values(&[self.name(slot), outcome])
+                })
+                .inc();
+        }
+        series
+            .duration
+            .get_or_init(|| self.command_duration.with_label_values(&[self.name(slot)]))
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a renewal of this instance's lease (or its joining).
+    pub fn lease_renewed(&self, ok: bool) {
+        if ok {
+            self.lease_renewals_success.inc();
+            *self.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        } else {
+            self.lease_renewals_failure.inc();
+        }
+    }
+
+    /// Time since the lease was last renewed, `None` if it never was.
+    pub fn lease_age(&self) -> Option<Duration> {
+        let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        renewed.map(|at| at.elapsed())
+    }
+
+    /// Every metric in the Prometheus text format, version 0.0.4
+    /// ([`CONTENT_TYPE`]). `hashes_run` is the password hasher's count.
+    pub fn encode(&self, hashes_run: u64) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let counted = self.password_hashes.get();
+        if hashes_run > counted {
+            self.password_hashes.inc_by(hashes_run - counted);
+        }
+        let age = self.lease_age().unwrap_or_else(|| self.started.elapsed());
+        self.lease_age.set(age.as_secs_f64());
+        let mut text = String::new();
+        if let Err(err) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
+            tracing::error!(error = %err, "cannot encode the metrics");
+        }
+        text
+    }
+}
+
+/// Counts an open connection in [`Metrics::connections`] until dropped.
+#[derive(Debug)]
+pub struct Connected(IntGauge);
+
+impl Connected {
+    pub fn new(metrics: &Metrics) -> Connected {
+        metrics.connections.inc();
+        Connected(metrics.connections.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_follow_the_error_codes() {
+        for (index, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code as usize, index);
+        }
+    }
+
+    #[test]
+    fn counts_by_command_and_outcome_with_unknown_names_folded() {
+        let registry = Registry::global().unwrap();
+        let metrics = Metrics::new(registry);
+        let (ping, _) = registry.find("ping").unwrap();
+        let ping = metrics.slot(Some(ping));
+        let unknown = metrics.slot(None);
+        for _ in 0..3 {
+            metrics.command(ping, None, Duration::from_micros(50));
+        }
+        metrics.command(
+            unknown,
+            Some(ErrorCode::UnknownCommand),
+            Duration::from_micros(5),
+        );
+        metrics.command(
+            metrics.slot(Some(usize::MAX)),
+            Some(ErrorCode::UnknownCommand),
+            Duration::from_micros(5),
+        );
+        let _open = Connected::new(&metrics);
+        let text = metrics.encode(2);
+        assert!(
+            text.contains("vmm_commands_total{command=\"ping\",outcome=\"success\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "vmm_commands_total{command=\"(unknown)\",outcome=\"unknown_command\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmm_command_duration_seconds_count{command=\"ping\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("vmm_connections 1\n"), "{text}");
+        assert!(text.contains("vmm_password_hashes_total 2\n"), "{text}");
+        assert!(text.contains(&format!(
+            "vmm_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+        // Series appear only once used.
+        assert!(!text.contains("outcome=\"internal\""), "{text}");
+    }
+}
