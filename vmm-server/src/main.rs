@@ -114,6 +114,11 @@ struct Args {
     #[arg(long, env = "VMM_TLS_CLIENT_CA", value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
     tls_client_ca: Option<std::path::PathBuf>,
 
+    /// Serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and
+    /// readiness (`/readyz`) over HTTP on this HOST:PORT [default: off].
+    #[arg(long, env = "VMM_METRICS_LISTEN", value_parser = listen_address)]
+    metrics_listen: Option<String>,
+
     /// Log format.
     #[arg(long, env = "VMM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -205,7 +210,7 @@ async fn main() -> ExitCode {
         }
     };
     let config = vmm_core::Config { tls, ..config };
-    match run(args.listen, args.instance_name, config).await {
+    match run(args.listen, args.metrics_listen, args.instance_name, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err}");
@@ -216,6 +221,7 @@ async fn main() -> ExitCode {
 
 async fn run(
     listen: String,
+    metrics_listen: Option<String>,
     instance_name: Option<String>,
     mut config: vmm_core::Config,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -224,11 +230,38 @@ async fn run(
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
     let address = listener.local_addr()?;
+    let metrics_listener = match &metrics_listen {
+        Some(metrics_listen) => Some(
+            tokio::net::TcpListener::bind(metrics_listen)
+                .await
+                .map_err(|err| format!("cannot listen on {metrics_listen} for metrics: {err}"))?,
+        ),
+        None => None,
+    };
     config.instance_name =
         instance_name.unwrap_or_else(|| format!("{}:{}", hostname(), address.port()));
     let context = vmm_core::Context::connect(config).await?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = match metrics_listener {
+        Some(metrics_listener) => {
+            let metrics_address = metrics_listener.local_addr()?;
+            tracing::info!(address = %metrics_address, "serving metrics and health checks");
+            Some(tokio::spawn(vmm_core::health::serve(
+                metrics_listener,
+                std::sync::Arc::clone(&context),
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
     tracing::info!(%address, "listening");
     vmm_core::serve(listener, context, shutdown_signal()).await?;
+    drop(stop_metrics);
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
