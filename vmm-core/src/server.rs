@@ -605,6 +605,10 @@ async fn answer_buffered(
     registry: &'static Registry,
     session: &mut Session,
 ) -> Flow {
+    // Counted per batch, and each request's time measured from the end of
+    // the one before it (its decoding included): one clock read a request.
+    let mut tally = context.metrics.tally();
+    let mut mark = Instant::now();
     while let Some(incoming) = conn.buffered_request() {
         let queued = match incoming {
             Incoming::TooLarge => {
@@ -623,22 +627,24 @@ async fn answer_buffered(
                 return Flow::Closed;
             }
             Incoming::Bad(reply) => {
-                let metrics = &context.metrics;
                 // Not a request at all: counted as an unknown command with
                 // its error code.
                 let code = reply.code.unwrap_or(ErrorCode::InvalidRequest);
-                metrics.command(metrics.slot(None), Some(code), Duration::ZERO);
+                let now = Instant::now();
+                tally.command(context.metrics.slot(None), Some(code), now - mark);
+                mark = now;
                 conn.queue_reply(&reply).map_err(SendError::Io)
             }
             Incoming::Request(Request { command, data, id }) => {
                 // A revocation or expiry noticed meanwhile applies before
                 // this command.
                 session.settle().await;
-                let started = Instant::now();
                 let (name, slot, handled) = dispatch(context, registry, session, &command, data);
                 let handled = handled.await;
                 let outcome = handled.as_ref().err().map(|err| err.code);
-                context.metrics.command(slot, outcome, started.elapsed());
+                let now = Instant::now();
+                tally.command(slot, outcome, now - mark);
+                mark = now;
                 match handled {
                     Ok(mut success) => match success.listing.take() {
                         None => conn
