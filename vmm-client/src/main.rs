@@ -84,7 +84,8 @@ the answers to its questions (passwords included), one per line from stdin,
 prints no prompts, and exits 0 at the end of the input even if some commands
 got error replies (like redis-cli); only a lost connection (3) changes that.
 The shell pings the server whenever its connection has been idle for
---keepalive seconds, so that the server's idle timeout does not close it.
+--keepalive seconds, so that an idle timeout (the server's --idle-timeout,
+off by default, or a load balancer's) does not close it.
 
 `watch` prints change events (VMs registered and updated, connections
 opened, authenticated, logged out and closed, instances lost) one line each
@@ -163,8 +164,9 @@ struct Cli {
     admin: bool,
 
     /// Shell and watch: ping the server after SECS (fractions allowed)
-    /// without sending anything, so that its idle timeout keeps the
-    /// connection open; 0 never pings.
+    /// without sending anything, so that an idle timeout (the server's
+    /// --idle-timeout, or a balancer's) keeps the connection open; 0 never
+    /// pings.
     #[arg(
         long,
         env = "VMM_KEEPALIVE",

@@ -2,8 +2,9 @@
 //! event as it arrives (see [`crate::events`] for the format) until SIGINT or
 //! SIGTERM (exit 0) or until the connection is lost (exit 3).
 //!
-//! The server closes a connection that sends nothing for its idle timeout,
-//! and receiving events does not count: so while it waits, `watch` sends a
+//! A server run with `--idle-timeout` (or a balancer with an idle limit)
+//! closes a connection that sends nothing for that long, and receiving
+//! events does not count: so while it waits, `watch` sends a
 //! `ping` whenever the connection has sent nothing for `--keepalive`, and
 //! prints the events that arrive before the ping's reply, in order.
 
