@@ -242,6 +242,10 @@ async fn server_busy_past_the_connection_limit() {
     let mut third = server.raw().await;
     err(&third.reply().await, "server_busy");
     assert!(third.closed().await);
+    // Counted before the refusal is answered.
+    let metrics = &server.context.metrics;
+    assert_eq!(metrics.refused_max_connections.get(), 1);
+    assert_eq!(metrics.refused_per_ip.get(), 0);
 
     still_serving(&mut first).await;
     drop(second);

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vmm_tests::{DbProxy, Deadline, TestServer, err, ok, password_for};
+use vmm_tests::{DbProxy, Deadline, RawConn, TestServer, err, ok, password_for};
+
+const ADMIN: &str = "operator-token-0123456789";
 
 /// Serves `server`'s metrics and health on a port of their own until the
 /// test ends.
@@ -141,6 +143,170 @@ async fn metrics_count_commands_exactly() {
         deadline.tick().await;
     }
     assert_eq!(get(metrics, "/nothing-here").await.status, 404);
+}
+
+/// The figures read at scrape time (sessions by state, watchers, the
+/// database pool, the password queue), events delivered, and the bytes of
+/// a list reply, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_sessions_watchers_pool_and_list_bytes() {
+    let server = TestServer::start_with(|config| config.admin_token = Some(ADMIN.into())).await;
+    let metrics = metrics_listener(&server).await;
+    let scrape = || async { get(metrics, "/metrics").await.body };
+
+    let _nobody = server.raw().await;
+    let mut vm = server.raw().await;
+    ok(&vm
+        .call(json!({"command": "register", "data": {"vm_id": "s1", "ram": 64, "cpu": 1, "password": password_for("s1")}}))
+        .await);
+    ok(&vm
+        .call(json!({"command": "authenticate", "data": {"vm_id": "s1", "password": password_for("s1")}}))
+        .await);
+    let mut op = server.raw().await;
+    ok(&op
+        .call(json!({"command": "authenticate", "data": {"admin_token": ADMIN}}))
+        .await);
+
+    let text = scrape().await;
+    assert_eq!(
+        sample(&text, r#"vmm_sessions{state="connected"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"vmm_sessions{state="authenticated"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"vmm_sessions{state="operator"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "vmm_watchers"), 0.0, "{text}");
+    assert!(text.contains("\nvmm_password_queue 0\n"), "{text}");
+    let idle = sample(&text, r#"vmm_db_pool_connections{state="idle"}"#);
+    let in_use = sample(&text, r#"vmm_db_pool_connections{state="in_use"}"#);
+    assert!(idle >= 0.0 && in_use >= 0.0, "{text}");
+    let open = idle + in_use;
+    assert!(
+        open >= 1.0 && open <= server.context.config.db_pool_size as f64,
+        "{text}"
+    );
+    assert!(text.contains("\nvmm_db_pool_waiting 0\n"), "{text}");
+    for reason in ["lagged", "slow"] {
+        let series = format!(r#"vmm_watchers_dropped_total{{reason="{reason}"}} 0"#);
+        assert!(text.contains(&series), "{series} in {text}");
+    }
+    promtool_accepts(&text);
+
+    // A list's bytes: its whole reply line, the newline included.
+    let before = scrape().await;
+    op.send(format!(
+        "{}\n",
+        json!({"command": "list", "data": {"list_type": "all_vms"}})
+    ))
+    .await;
+    let mut line = String::new();
+    op.reader.read_line(&mut line).await.unwrap();
+    assert!(line.ends_with('\n') && line.contains("\"s1\""), "{line}");
+    let after = scrape().await;
+    let delta = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(
+        delta(r#"vmm_list_bytes_total{list_type="all_vms"}"#),
+        line.len() as f64,
+        "{after}"
+    );
+    for other in ["active_vms", "authenticated_vms", "all_disks"] {
+        let series = format!(r#"vmm_list_bytes_total{{list_type="{other}"}}"#);
+        assert_eq!(delta(&series), 0.0, "{after}");
+    }
+
+    // A watcher, and an event delivered to it.
+    ok(&op
+        .call(json!({"command": "watch", "data": {"topics": ["vms"]}}))
+        .await);
+    let before = scrape().await;
+    assert_eq!(sample(&before, "vmm_watchers"), 1.0, "{before}");
+    let mut other = server.raw().await;
+    ok(&other
+        .call(json!({"command": "register", "data": {"vm_id": "s2", "ram": 64, "cpu": 1, "password": password_for("s2")}}))
+        .await);
+    let deadline = Deadline::new("the watcher sees s2 registered");
+    loop {
+        let event = op.reply().await;
+        if event.to_string().contains("\"s2\"") {
+            break;
+        }
+        deadline.tick().await;
+    }
+    let deadline = Deadline::new("vmm_events_delivered_total counts the event");
+    while sample(&scrape().await, "vmm_events_delivered_total")
+        <= sample(&before, "vmm_events_delivered_total")
+    {
+        deadline.tick().await;
+    }
+    ok(&op.call(json!({"command": "unwatch"})).await);
+    assert_eq!(sample(&scrape().await, "vmm_watchers"), 0.0);
+
+    // States follow logouts and closed connections.
+    ok(&vm.call(json!({"command": "logout"})).await);
+    drop(op);
+    let deadline = Deadline::new("the operator's session ends");
+    loop {
+        let text = scrape().await;
+        if sample(&text, r#"vmm_sessions{state="operator"}"#) == 0.0 {
+            assert_eq!(
+                sample(&text, r#"vmm_sessions{state="authenticated"}"#),
+                0.0,
+                "{text}"
+            );
+            // Nobody, the logged-out VM and `other`.
+            assert_eq!(
+                sample(&text, r#"vmm_sessions{state="connected"}"#),
+                3.0,
+                "{text}"
+            );
+            break;
+        }
+        deadline.tick().await;
+    }
+}
+
+/// Refusals at the per-address limit are counted; the other reasons show
+/// as 0 from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_counted_by_reason() {
+    let server = TestServer::start_with(|config| config.max_connections_per_ip = 1).await;
+    let metrics = metrics_listener(&server).await;
+    let text = get(metrics, "/metrics").await.body;
+    for reason in ["max_connections", "max_connections_per_ip", "tls", "proxy"] {
+        let series = format!(r#"vmm_connections_refused_total{{reason="{reason}"}} 0"#);
+        assert!(text.contains(&series), "{series} in {text}");
+    }
+
+    let mut first = RawConn::connect_from(7, server.addr).await;
+    ok(&first.call(json!({"command": "ping"})).await);
+    let mut second = RawConn::connect_from(7, server.addr).await;
+    assert!(second.closed().await);
+    let deadline = Deadline::new("the refusal is counted");
+    let text = loop {
+        let text = get(metrics, "/metrics").await.body;
+        if sample(
+            &text,
+            r#"vmm_connections_refused_total{reason="max_connections_per_ip"}"#,
+        ) == 1.0
+        {
+            break text;
+        }
+        deadline.tick().await;
+    };
+    for reason in ["max_connections", "tls", "proxy"] {
+        let series = format!(r#"vmm_connections_refused_total{{reason="{reason}"}} 0"#);
+        assert!(text.contains(&series), "{series} in {text}");
+    }
+    promtool_accepts(&text);
+    ok(&first.call(json!({"command": "ping"})).await);
 }
 
 /// `promtool check metrics` on `text`, when promtool is installed (Debian's

@@ -13,7 +13,7 @@ use rcgen::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmm_core::tls::{self, ClientConfig};
-use vmm_tests::{PATIENCE, TestServer, password_for, registration};
+use vmm_tests::{Deadline, PATIENCE, TestServer, password_for, registration};
 
 /// A directory of PEM files for one test.
 struct Pki {
@@ -144,10 +144,18 @@ async fn a_plaintext_client_gets_no_reply_from_a_tls_server() {
         .expect("the ping ends in time");
     assert!(ping.is_err(), "a plaintext ping must fail: {ping:?}");
 
-    // The same server serves a TLS client.
+    // Both are counted as refused at the handshake.
+    let refused = &server.context.metrics.refused_tls;
+    let deadline = Deadline::new("both failed handshakes are counted");
+    while refused.get() < 2 {
+        deadline.tick().await;
+    }
+
+    // The same server serves a TLS client, which is not counted.
     tls_ping(&server, client_config(&ca_path, None))
         .await
         .expect("a TLS client is served");
+    assert_eq!(refused.get(), 2);
 }
 
 #[tokio::test]

@@ -693,13 +693,18 @@ impl Connection {
 
     /// Writes a list reply (`success` and its [`Listing`]): its head is
     /// queued, and its entries are sent in batches as they are produced, so
-    /// that a list of any size takes a constant amount of memory.
+    /// that a list of any size takes a constant amount of memory. Returns
+    /// the length of the reply's line, its newline included (for the
+    /// metrics).
     pub async fn write_listing(
         &mut self,
         head: Head<'_>,
         mut listing: Listing,
         id: Option<&Value>,
-    ) -> Result<(), SendError> {
+    ) -> Result<u64, SendError> {
+        // Replies queued before this one are not its bytes.
+        let before = self.out.len();
+        let mut written = 0;
         // The reply's head and `data`'s own keys, then the list's key and
         // its entries.
         if self.put_success_head(head)? {
@@ -720,6 +725,7 @@ impl Connection {
                         self.writer.write_all(&batch.buf),
                     )
                     .await;
+                    written += batch.buf.len();
                     batch.buf.clear();
                     if let Err(err) = sent {
                         self.out = batch.buf;
@@ -739,7 +745,11 @@ impl Connection {
         self.out.push(b']');
         self.put_success_tail(next.as_deref().map(|next| (true, next)), id)?;
         drop(listing);
-        Ok(self.send_if_big().await?)
+        // The whole line, its newline included: what was sent, less what
+        // was queued before it, plus what is queued now.
+        let bytes = (written + self.out.len()).saturating_sub(before);
+        self.send_if_big().await?;
+        Ok(u64::try_from(bytes).unwrap_or(u64::MAX))
     }
 
     /// Queues bytes that are already a complete line (an event).

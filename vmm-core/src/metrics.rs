@@ -60,6 +60,28 @@ pub struct Metrics {
     lease_renewals_success: IntCounter,
     lease_renewals_failure: IntCounter,
     lease_age: Gauge,
+    sessions_connected: IntGauge,
+    sessions_authenticated: IntGauge,
+    sessions_operator: IntGauge,
+    password_queue: IntGauge,
+    pool_idle: IntGauge,
+    pool_in_use: IntGauge,
+    pool_waiting: IntGauge,
+    watchers: IntGauge,
+    /// Connections refused at the connection limit (`--max-connections`).
+    pub refused_max_connections: IntCounter,
+    /// Connections refused at the per-address limit.
+    pub refused_per_ip: IntCounter,
+    /// TLS handshakes that failed or did not finish in time.
+    pub refused_tls: IntCounter,
+    /// Event lines written to watchers.
+    pub events_delivered: IntCounter,
+    /// Watchers disconnected for falling behind their events.
+    pub watchers_lagged: IntCounter,
+    /// Watchers disconnected for not reading their events.
+    pub watchers_slow: IntCounter,
+    /// Indexed like [`LIST_TYPES`].
+    list_bytes: Vec<IntCounter>,
     started: Instant,
     renewed: Mutex<Option<Instant>>,
     /// Serialises scrapes, which bring the figures read at scrape time up
@@ -71,6 +93,39 @@ pub struct Metrics {
 /// one for unknown commands.
 #[derive(Debug, Clone, Copy)]
 pub struct CommandSlot(usize);
+
+/// The `list_type` label values of `vmm_list_bytes_total`: the list types
+/// of the `list` command, each a list reply's `data` key.
+pub const LIST_TYPES: [&str; 4] = ["active_vms", "authenticated_vms", "all_vms", "all_disks"];
+
+/// The figures read at scrape time from the parts of the instance that
+/// keep them (sessions, password hasher, database pool), rather than
+/// counted as they change, so that serving requests costs nothing more.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scrape {
+    /// The password hasher's count of hashes computed.
+    pub hashes_run: u64,
+    /// Live sessions, whatever their state.
+    pub sessions: usize,
+    /// Of which authenticated as a VM.
+    pub vm_sessions: usize,
+    /// Of which opened with the admin token.
+    pub operator_sessions: usize,
+    /// Sessions watching change events.
+    pub watchers: usize,
+    /// Hashes waiting for a hashing slot.
+    pub password_queue: usize,
+    /// Database connections open in the pool.
+    pub pool_size: usize,
+    /// Of which idle.
+    pub pool_available: usize,
+    /// Requests waiting for a database connection.
+    pub pool_waiting: usize,
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("a valid metric definition")
+}
 
 impl Metrics {
     /// The metrics of an instance serving `commands`.
@@ -124,6 +179,61 @@ impl Metrics {
             "Seconds since this instance's lease was last renewed (since start before the first).",
         )
         .expect("a valid metric definition");
+        let sessions = IntGaugeVec::new(
+            Opts::new(
+                "vmm_sessions",
+                "This instance's live sessions by state: connected (not authenticated), \
+                 authenticated (as a VM) or operator.",
+            ),
+            &["state"],
+        )
+        .expect("a valid metric definition");
+        let password_queue = gauge(
+            "vmm_password_queue",
+            "Password hashes waiting for a hashing slot (--hash-concurrency).",
+        );
+        let pool = IntGaugeVec::new(
+            Opts::new(
+                "vmm_db_pool_connections",
+                "Database connections open in this instance's pool, idle or in use.",
+            ),
+            &["state"],
+        )
+        .expect("a valid metric definition");
+        let pool_waiting = gauge(
+            "vmm_db_pool_waiting",
+            "Requests waiting for a database connection from the pool.",
+        );
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "vmm_connections_refused_total",
+                "Connections refused or closed before their first request, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("a valid metric definition");
+        let watchers = gauge("vmm_watchers", "Sessions watching change events.");
+        let events_delivered = IntCounter::new(
+            "vmm_events_delivered_total",
+            "Event lines written to watchers.",
+        )
+        .expect("a valid metric definition");
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "vmm_watchers_dropped_total",
+                "Watchers disconnected: lagged (fell behind the events) or slow (did not read them).",
+            ),
+            &["reason"],
+        )
+        .expect("a valid metric definition");
+        let list_bytes = IntCounterVec::new(
+            Opts::new(
+                "vmm_list_bytes_total",
+                "Bytes of complete list replies, their newline included, by list type.",
+            ),
+            &["list_type"],
+        )
+        .expect("a valid metric definition");
         for collector in [
             Box::new(build_info) as Box<dyn prometheus::core::Collector>,
             Box::new(connections.clone()),
@@ -132,11 +242,22 @@ impl Metrics {
             Box::new(password_hashes.clone()),
             Box::new(lease_renewals.clone()),
             Box::new(lease_age.clone()),
+            Box::new(sessions.clone()),
+            Box::new(password_queue.clone()),
+            Box::new(pool.clone()),
+            Box::new(pool_waiting.clone()),
+            Box::new(refused.clone()),
+            Box::new(watchers.clone()),
+            Box::new(events_delivered.clone()),
+            Box::new(dropped.clone()),
+            Box::new(list_bytes.clone()),
         ] {
             registry
                 .register(collector)
                 .expect("metric names are distinct");
         }
+        // Created so that it shows, as 0, until PROXY protocol exists.
+        refused.with_label_values(&["proxy"]);
         let names: Vec<&'static str> = commands.commands().map(|command| command.name).collect();
         let series = (0..=names.len())
             .map(|_| CommandSeries::default())
@@ -152,6 +273,24 @@ impl Metrics {
             lease_renewals_success: lease_renewals.with_label_values(&["success"]),
             lease_renewals_failure: lease_renewals.with_label_values(&["failure"]),
             lease_age,
+            sessions_connected: sessions.with_label_values(&["connected"]),
+            sessions_authenticated: sessions.with_label_values(&["authenticated"]),
+            sessions_operator: sessions.with_label_values(&["operator"]),
+            password_queue,
+            pool_idle: pool.with_label_values(&["idle"]),
+            pool_in_use: pool.with_label_values(&["in_use"]),
+            pool_waiting,
+            watchers,
+            refused_max_connections: refused.with_label_values(&["max_connections"]),
+            refused_per_ip: refused.with_label_values(&["max_connections_per_ip"]),
+            refused_tls: refused.with_label_values(&["tls"]),
+            events_delivered,
+            watchers_lagged: dropped.with_label_values(&["lagged"]),
+            watchers_slow: dropped.with_label_values(&["slow"]),
+            list_bytes: LIST_TYPES
+                .iter()
+                .map(|list_type| list_bytes.with_label_values(&[list_type]))
+                .collect(),
             started: Instant::now(),
             renewed: Mutex::new(None),
             scrape: Mutex::new(()),
@@ -230,14 +369,39 @@ impl Metrics {
         renewed.map(|at| at.elapsed())
     }
 
+    /// Counts the bytes of a complete list reply of type `list_type` (a
+    /// list reply's `data` key); other keys are not counted.
+    pub fn list_written(&self, list_type: &str, bytes: u64) {
+        if let Some(index) = LIST_TYPES.iter().position(|t| *t == list_type)
+            && let Some(counter) = self.list_bytes.get(index)
+        {
+            counter.inc_by(bytes);
+        }
+    }
+
     /// Every metric in the Prometheus text format, version 0.0.4
-    /// ([`CONTENT_TYPE`]). `hashes_run` is the password hasher's count.
-    pub fn encode(&self, hashes_run: u64) -> String {
+    /// ([`CONTENT_TYPE`]), with the figures of `scrape`.
+    pub fn encode(&self, scrape: &Scrape) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         let counted = self.password_hashes.get();
-        if hashes_run > counted {
-            self.password_hashes.inc_by(hashes_run - counted);
+        if scrape.hashes_run > counted {
+            self.password_hashes.inc_by(scrape.hashes_run - counted);
         }
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        // Read one after the other, the parts may not add up exactly; a
+        // negative count would only mislead.
+        let signed_in = scrape.vm_sessions + scrape.operator_sessions;
+        self.sessions_connected
+            .set(count(scrape.sessions.saturating_sub(signed_in)));
+        self.sessions_authenticated.set(count(scrape.vm_sessions));
+        self.sessions_operator.set(count(scrape.operator_sessions));
+        self.watchers.set(count(scrape.watchers));
+        self.password_queue.set(count(scrape.password_queue));
+        self.pool_idle.set(count(scrape.pool_available));
+        self.pool_in_use.set(count(
+            scrape.pool_size.saturating_sub(scrape.pool_available),
+        ));
+        self.pool_waiting.set(count(scrape.pool_waiting));
         let age = self.lease_age().unwrap_or_else(|| self.started.elapsed());
         self.lease_age.set(age.as_secs_f64());
         let mut text = String::new();
@@ -347,7 +511,10 @@ mod tests {
             Duration::from_micros(5),
         );
         let _open = Connected::new(&metrics);
-        let text = metrics.encode(2);
+        let text = metrics.encode(&Scrape {
+            hashes_run: 2,
+            ..Scrape::default()
+        });
         assert!(
             text.contains("vmm_commands_total{command=\"ping\",outcome=\"success\"} 3\n"),
             "{text}"
@@ -391,10 +558,10 @@ mod tests {
             Some(ErrorCode::InvalidParams),
             Duration::from_micros(30),
         );
-        let during = metrics.encode(0);
+        let during = metrics.encode(&Scrape::default());
         assert!(!during.contains("vmm_commands_total{"), "{during}");
         drop(tally);
-        let text = metrics.encode(0);
+        let text = metrics.encode(&Scrape::default());
         for line in [
             "vmm_commands_total{command=\"ping\",outcome=\"success\"} 5\n",
             "vmm_commands_total{command=\"ping\",outcome=\"invalid_params\"} 1\n",
@@ -406,5 +573,42 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line}in {text}");
         }
+    }
+
+    /// The figures read at scrape time land in their series; connected is
+    /// what is neither a VM nor an operator; list bytes go by list type.
+    #[test]
+    fn scraped_figures_and_list_bytes() {
+        let metrics = Metrics::new(Registry::global().unwrap());
+        metrics.list_written("all_vms", 120);
+        metrics.list_written("all_vms", 30);
+        metrics.list_written("not_a_list", 7);
+        let text = metrics.encode(&Scrape {
+            sessions: 5,
+            vm_sessions: 2,
+            operator_sessions: 1,
+            watchers: 1,
+            password_queue: 4,
+            pool_size: 3,
+            pool_available: 1,
+            pool_waiting: 2,
+            ..Scrape::default()
+        });
+        for line in [
+            "vmm_sessions{state=\"connected\"} 2\n",
+            "vmm_sessions{state=\"authenticated\"} 2\n",
+            "vmm_sessions{state=\"operator\"} 1\n",
+            "vmm_watchers 1\n",
+            "vmm_password_queue 4\n",
+            "vmm_db_pool_connections{state=\"idle\"} 1\n",
+            "vmm_db_pool_connections{state=\"in_use\"} 2\n",
+            "vmm_db_pool_waiting 2\n",
+            "vmm_list_bytes_total{list_type=\"all_vms\"} 150\n",
+            "vmm_list_bytes_total{list_type=\"all_disks\"} 0\n",
+            "vmm_connections_refused_total{reason=\"proxy\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line}in {text}");
+        }
+        assert!(!text.contains("not_a_list"), "{text}");
     }
 }

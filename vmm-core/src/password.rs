@@ -12,7 +12,7 @@
 //! `concurrency × m_cost` KiB, and an instance that never hashes costs
 //! nothing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
@@ -72,6 +72,9 @@ pub struct Passwords {
     memory: Arc<MemoryPool>,
     /// Hashes computed so far (hashing and verifying alike).
     runs: AtomicU64,
+    /// Hashes waiting for a permit; counted per hash, which costs nothing
+    /// beside the hash.
+    queued: AtomicUsize,
     /// Verified against when the VM does not exist, so that an unknown VM and
     /// a wrong password take the same time.
     dummy_hash: OnceCell<String>,
@@ -89,6 +92,7 @@ impl Passwords {
             params,
             permits: Arc::new(Semaphore::new(slots)),
             runs: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
             dummy_hash: OnceCell::new(),
         })
     }
@@ -150,14 +154,21 @@ impl Passwords {
         self.runs.load(Ordering::Relaxed)
     }
 
+    /// Hashes waiting for a hashing slot.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut [Block]) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        let waiting = Waiting::new(&self.queued);
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| Error::internal())?;
+        drop(waiting);
         self.runs.fetch_add(1, Ordering::Relaxed);
         let pool = Arc::clone(&self.memory);
         tokio::task::spawn_blocking(move || {
@@ -253,6 +264,23 @@ fn compute(
     }
 }
 
+/// A hash in [`Passwords`]' queue until dropped: also when its caller
+/// gives up while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(queued: &'a AtomicUsize) -> Waiting<'a> {
+        queued.fetch_add(1, Ordering::Relaxed);
+        Waiting(queued)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The argon2 memories of the hashing slots not in use.
 struct MemoryPool {
     free: Mutex<Vec<Vec<Block>>>,
@@ -333,6 +361,34 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hash waiting for the only slot is in the queue until it has it.
+    #[tokio::test]
+    async fn queued_counts_hashes_waiting_for_a_slot() {
+        let cheap = HashCost {
+            memory_kib: 8192,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let passwords = Arc::new(Passwords::new(1, cheap).unwrap());
+        let held = Arc::clone(&passwords.permits)
+            .acquire_owned()
+            .await
+            .unwrap();
+        let hashing = tokio::spawn({
+            let passwords = Arc::clone(&passwords);
+            async move { passwords.hash("queued-password".into()).await }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while passwords.queued() != 1 {
+            assert!(std::time::Instant::now() < deadline, "never queued");
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        hashing.await.unwrap().unwrap();
+        assert_eq!(passwords.queued(), 0);
+        assert_eq!(passwords.hashes_run(), 1);
+    }
 
     #[tokio::test]
     async fn hashes_are_argon2id_verify_and_follow_new_parameters() {

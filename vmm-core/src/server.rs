@@ -90,6 +90,7 @@ pub async fn serve(
                 configure(&stream, context.config.tcp_keepalive);
                 let Some(from_ip) = per_ip.enter(peer.ip(), context.config.max_connections_per_ip) else {
                     repeated.crowded();
+                    context.metrics.refused_per_ip.inc();
                     refusals.refuse(&mut tasks, stream, peer, "too many connections from your address; try again later");
                     continue;
                 };
@@ -119,6 +120,7 @@ pub async fn serve(
                     }
                     Err(_) => {
                         repeated.busy();
+                        context.metrics.refused_max_connections.inc();
                         refusals.refuse(&mut tasks, stream, peer, BUSY);
                     }
                 }
@@ -417,9 +419,11 @@ async fn open(stream: TcpStream, context: &Context) -> Option<Connection> {
                 Ok(Ok(stream)) => Connection::tls(stream, config.max_request_bytes),
                 Ok(Err(err)) => {
                     tracing::info!(error = %err, "TLS handshake failed, closing");
+                    context.metrics.refused_tls.inc();
                     return None;
                 }
                 Err(_) => {
+                    context.metrics.refused_tls.inc();
                     tracing::info!("no TLS handshake within {}s, closing", limit.as_secs());
                     return None;
                 }
@@ -523,6 +527,7 @@ async fn run(
                     Ok(event) => Next::Event(event),
                     Err(Lagged) => {
                         tracing::info!("watcher fell behind its events, disconnecting");
+                        context.metrics.watchers_lagged.inc();
                         Next::Done
                     }
                 },
@@ -560,8 +565,10 @@ async fn run(
             Next::Event(event) => {
                 if conn.write_raw(event.line.as_bytes()).await.is_err() {
                     tracing::info!("watcher does not read its events, disconnecting");
+                    context.metrics.watchers_slow.inc();
                     break;
                 }
+                context.metrics.events_delivered.inc();
             }
             Next::Ended => {
                 // Ended here at once, so that every list shows it.
@@ -651,8 +658,10 @@ async fn answer_buffered(
                             .queue_success(&success, id.as_ref())
                             .map_err(SendError::Io),
                         Some(listing) => {
+                            let list_type = listing.key;
                             conn.write_listing(Head::of(&success), listing, id.as_ref())
                                 .await
+                                .map(|bytes| context.metrics.list_written(list_type, bytes))
                         }
                     },
                     Err(err) => {

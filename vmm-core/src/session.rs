@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -66,6 +66,59 @@ pub struct Sessions {
     /// The VM sessions of this instance by token family, so that a
     /// revocation (from any instance, through LISTEN/NOTIFY) reaches them.
     families: Mutex<HashMap<i64, Vec<Arc<Revocation>>>>,
+    /// Operator sessions and watching sessions, kept by their [`Seat`]s:
+    /// changed only when a session changes state, read by the metrics.
+    operators: AtomicUsize,
+    watchers: AtomicUsize,
+}
+
+/// This instance's sessions by state, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub sessions: usize,
+    /// Authenticated as a VM.
+    pub vms: usize,
+    pub operators: usize,
+    pub watchers: usize,
+}
+
+/// A session's place in one of [`Sessions`]' counts, which it leaves when
+/// dropped: whatever ends the state (a new identity, logout, the
+/// connection's end) ends the count with it.
+struct Seat {
+    sessions: Arc<Sessions>,
+    watcher: bool,
+}
+
+impl Seat {
+    fn new(sessions: &Arc<Sessions>, watcher: bool) -> Seat {
+        let seat = Seat {
+            sessions: Arc::clone(sessions),
+            watcher,
+        };
+        seat.count().fetch_add(1, Ordering::Relaxed);
+        seat
+    }
+
+    fn count(&self) -> &AtomicUsize {
+        if self.watcher {
+            &self.sessions.watchers
+        } else {
+            &self.sessions.operators
+        }
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.count().fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Seat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seat")
+    }
 }
 
 /// How one VM session learns that its token family was revoked.
@@ -179,6 +232,8 @@ impl Sessions {
             live: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             families: Mutex::new(HashMap::new()),
+            operators: AtomicUsize::new(0),
+            watchers: AtomicUsize::new(0),
         }
     }
 
@@ -316,6 +371,17 @@ impl Sessions {
         self.lock().len()
     }
 
+    /// The sessions by state, from what is kept anyway: the live map, the
+    /// revocation registry (one entry per VM login) and the two counts.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            sessions: self.len(),
+            vms: self.families().values().map(Vec::len).sum(),
+            operators: self.operators.load(Ordering::Relaxed),
+            watchers: self.watchers.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -350,7 +416,7 @@ enum Identity {
     Vm(VmLogin),
     /// An operator (opened with the admin token): may list, watch and read
     /// the audit trail, but is not a VM.
-    Operator,
+    Operator { _seat: Seat },
 }
 
 /// A session's subscription to change events.
@@ -358,6 +424,7 @@ enum Identity {
 struct Watch {
     topics: Vec<Topic>,
     events: broadcast::Receiver<Event>,
+    _seat: Seat,
 }
 
 /// The watcher fell too far behind its events; it has to go.
@@ -408,7 +475,7 @@ impl Session {
     }
 
     pub fn is_operator(&self) -> bool {
-        matches!(self.identity, Identity::Operator)
+        matches!(self.identity, Identity::Operator { .. })
     }
 
     /// Whether the session may read the lists (and watch): a VM's or an
@@ -446,7 +513,9 @@ impl Session {
         let before = self.info.clone();
         self.info.vm_id = None;
         self.info.authenticated_at = None;
-        self.change(before, Identity::Operator).await
+        let seat = Seat::new(&self.sessions, false);
+        self.change(before, Identity::Operator { _seat: seat })
+            .await
     }
 
     async fn change(&mut self, before: SessionInfo, identity: Identity) -> Result<()> {
@@ -526,7 +595,12 @@ impl Session {
 
     /// Starts (or changes) the session's subscription to change events.
     pub fn watch(&mut self, topics: Vec<Topic>, events: broadcast::Receiver<Event>) {
-        self.watch = Some(Watch { topics, events });
+        let seat = Seat::new(&self.sessions, true);
+        self.watch = Some(Watch {
+            topics,
+            events,
+            _seat: seat,
+        });
     }
 
     /// Stops the subscription; false if there was none.
@@ -578,5 +652,47 @@ impl Drop for Session {
             // aborted or panicked): the row must go at the next renewal.
             self.sessions.mark_dirty();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The counts follow each state change and each session's end, with
+    /// no database needed before the instance joins.
+    #[tokio::test]
+    async fn counts_follow_states() {
+        let store = Store::new("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
+        let sessions = Arc::new(Sessions::new(store));
+        let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let nobody = sessions.open(peer);
+        let mut vm = sessions.open(peer);
+        vm.become_vm("v1", sessions.enroll(1)).await.unwrap();
+        let mut op = sessions.open(peer);
+        op.become_operator().await.unwrap();
+        let (_tx, rx) = broadcast::channel::<Event>(1);
+        op.watch(Vec::new(), rx);
+        let counts = |sessions: &Sessions| {
+            let c = sessions.counts();
+            (c.sessions, c.vms, c.operators, c.watchers)
+        };
+        assert_eq!(counts(&sessions), (3, 1, 1, 1));
+
+        // Operator to VM: one seat left, one login joined.
+        op.become_vm("v2", sessions.enroll(2)).await.unwrap();
+        assert_eq!(counts(&sessions), (3, 2, 0, 1));
+        assert!(op.unwatch());
+        vm.logout().await.unwrap();
+        assert_eq!(counts(&sessions), (3, 1, 0, 0));
+        op.become_operator().await.unwrap();
+        let (_tx, rx) = broadcast::channel::<Event>(1);
+        op.watch(Vec::new(), rx);
+        assert_eq!(counts(&sessions), (3, 0, 1, 1));
+
+        sessions.close(op);
+        sessions.close(vm);
+        sessions.close(nobody);
+        assert_eq!(counts(&sessions), (0, 0, 0, 0));
     }
 }

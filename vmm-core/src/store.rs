@@ -223,6 +223,14 @@ impl std::fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
+/// See [`Store::pool_status`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pub(crate) pool: Pool,
@@ -357,6 +365,17 @@ impl Store {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(sql).await?;
         Ok(client.query_opt(&statement, params).await?)
+    }
+
+    /// The pool's figures for the metrics: connections open, of which
+    /// idle, and requests waiting for one.
+    pub fn pool_status(&self) -> PoolStatus {
+        let status = self.pool.status();
+        PoolStatus {
+            size: status.size,
+            available: status.available,
+            waiting: status.waiting,
+        }
     }
 
     /// Builds the pool. No connection is made until one is needed.
