@@ -314,7 +314,9 @@ impl Metrics {
     pub fn tally(&self) -> Tally<'_> {
         Tally {
             metrics: self,
-            counts: Vec::new(),
+            counts: [(0, 0, 0); KEPT],
+            counted: 0,
+            first: None,
             durations: Vec::new(),
         }
     }
@@ -429,16 +431,25 @@ impl Drop for Connected {
     }
 }
 
+/// Distinct (command, outcome) pairs a tally keeps; a batch with more adds
+/// the rest to the shared series directly.
+const KEPT: usize = 4;
+
 /// The requests of one batch (those a connection had buffered), counted
 /// here and added to the shared series once, when the tally is dropped.
 /// The shared series are atomics that every connection writes: written per
-/// request, two workers answering pipelined requests fought over their
-/// cache lines and lost a fifth of their rate. A batch usually holds one
-/// command with one outcome, so this is one entry.
+/// request, two workers answering pipelined requests fight over their cache
+/// lines. A batch usually holds one command with one outcome, and often a
+/// single request, so a tally allocates nothing until a second request of
+/// the same command needs a local histogram.
 pub struct Tally<'a> {
     metrics: &'a Metrics,
-    /// `(slot, outcome index, count)`.
-    counts: Vec<(usize, usize, u64)>,
+    /// `(slot, outcome index, count)`; the first `counted` are in use.
+    counts: [(usize, usize, u64); KEPT],
+    counted: usize,
+    /// The first request's time, kept until a second request of the same
+    /// command makes a local histogram worth it.
+    first: Option<(usize, f64)>,
     durations: Vec<(usize, prometheus::local::LocalHistogram)>,
 }
 
@@ -447,34 +458,59 @@ impl Tally<'_> {
     /// long it took.
     pub fn command(&mut self, slot: CommandSlot, outcome: Option<ErrorCode>, took: Duration) {
         let index = outcome.map_or(0, |code| code as usize + 1);
-        match self
-            .counts
+        let kept = &mut self.counts[..self.counted];
+        if let Some((_, _, count)) = kept
             .iter_mut()
             .find(|(s, o, _)| *s == slot.0 && *o == index)
         {
-            Some((_, _, count)) => *count += 1,
-            None => self.counts.push((slot.0, index, 1)),
+            *count += 1;
+        } else if let Some(free) = self.counts.get_mut(self.counted) {
+            *free = (slot.0, index, 1);
+            self.counted += 1;
+        } else if let Some(counter) = self.metrics.counter(slot, index) {
+            counter.inc();
         }
         let seconds = took.as_secs_f64();
         if let Some((_, local)) = self.durations.iter().find(|(s, _)| *s == slot.0) {
             local.observe(seconds);
-        } else if let Some(histogram) = self.metrics.histogram(slot) {
-            let local = histogram.local();
-            local.observe(seconds);
-            self.durations.push((slot.0, local));
+            return;
+        }
+        match self.first {
+            None => self.first = Some((slot.0, seconds)),
+            Some((first, earlier)) if first == slot.0 => {
+                if let Some(histogram) = self.metrics.histogram(slot) {
+                    let local = histogram.local();
+                    local.observe(earlier);
+                    local.observe(seconds);
+                    self.durations.push((slot.0, local));
+                }
+                self.first = None;
+            }
+            // Another command in the same batch, and its first: rare
+            // enough to add directly.
+            Some(_) => {
+                if let Some(histogram) = self.metrics.histogram(slot) {
+                    histogram.observe(seconds);
+                }
+            }
         }
     }
 }
 
 impl Drop for Tally<'_> {
     fn drop(&mut self) {
-        for &(slot, outcome, count) in &self.counts {
+        for &(slot, outcome, count) in &self.counts[..self.counted] {
             if let Some(counter) = self.metrics.counter(CommandSlot(slot), outcome) {
                 counter.inc_by(count);
             }
         }
         for (_, local) in &self.durations {
             local.flush();
+        }
+        if let Some((slot, seconds)) = self.first
+            && let Some(histogram) = self.metrics.histogram(CommandSlot(slot))
+        {
+            histogram.observe(seconds);
         }
     }
 }
@@ -572,6 +608,33 @@ mod tests {
             "vmm_command_duration_seconds_bucket{command=\"help\",le=\"0.0025\"} 1\n",
         ] {
             assert!(text.contains(line), "{line}in {text}");
+        }
+
+        // A single request; then more distinct outcomes than a tally keeps.
+        let mut single = metrics.tally();
+        single.command(help, None, Duration::from_millis(2));
+        drop(single);
+        let mut mixed = metrics.tally();
+        let codes = &ErrorCode::ALL[..KEPT + 2];
+        for code in codes {
+            mixed.command(help, Some(*code), Duration::from_micros(10));
+        }
+        drop(mixed);
+        let text = metrics.encode(&Scrape::default());
+        assert!(
+            text.contains("vmm_commands_total{command=\"help\",outcome=\"success\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmm_command_duration_seconds_count{command=\"help\"} 8\n"),
+            "{text}"
+        );
+        for code in codes {
+            let line = format!(
+                "vmm_commands_total{{command=\"help\",outcome=\"{}\"}} 1\n",
+                code.as_str()
+            );
+            assert!(text.contains(&line), "{line}in {text}");
         }
     }
 
