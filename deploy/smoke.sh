@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end check of docker-compose.yml: builds the image, starts the stack
 # (first the default profile, then the cluster profile), talks to it through
-# every published port, registers a VM through one server and finds it through
-# the other, restarts the stack to see that the data stayed, and tears it all
-# down (volumes included). Exits 0 when everything worked, else 1 with a
+# every published port, asks each server's /readyz (and /healthz, /metrics)
+# on its metrics port, sees HAProxy take both servers out of the rotation
+# while the database is paused and back after, registers a VM through one
+# server and finds it through the other, restarts the stack to see that the
+# data stayed, and tears it all down (volumes included). Exits 0 when everything worked, else 1 with a
 # message saying which step failed, followed by the containers' recent logs.
 #
 # Usage: deploy/smoke.sh
@@ -18,7 +20,8 @@
 #   VMM_SMOKE_KEEP=1                 leave the stack running after a failure
 #
 # Needs python3 on this machine (to speak the protocol to the published
-# ports); inside the containers it uses the image's own vmm-client.
+# ports); inside the containers it uses the image's own vmm-client, and
+# bash's /dev/tcp for HTTP (the images have no curl, and need none).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -160,12 +163,64 @@ list_via_port() { { authenticate_line "$2"; list_line all_vms; } | call "$1" | t
 # all_vms from inside a server container, as the operator.
 list_in() { compose exec -T "$1" vmm-client --admin --json list all; }
 
+# http_in SERVICE PORT PATH: GET PATH from PORT on the container's own
+# loopback, over HTTP/1.0 (the server closes after the reply); prints the
+# status line, the headers and the body, without carriage returns.
+http_in() {
+    compose exec -T "$1" timeout 10 bash -c \
+        'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n" "$2" >&3 && cat <&3' \
+        _ "$2" "$3" | tr -d '\r'
+}
+# readyz SERVICE: status line and body of the server's /readyz (port 9100,
+# VMM_METRICS_LISTEN in docker-compose.yml).
+readyz() { http_in "$1" 9100 /readyz | sed -n '1p;$p'; }
+# ready_in SERVICE: its /readyz is 200 `ready`; not_ready_in: 503 with the
+# database named in the reason.
+ready_in() {
+    local reply
+    reply=$(readyz "$1") || return 1
+    grep -Eq '^HTTP/1\.[01] 200 ' <<< "$reply" && [ "$(tail -n 1 <<< "$reply")" = ready ]
+}
+not_ready_in() {
+    local reply
+    reply=$(readyz "$1") || return 1
+    grep -Eq '^HTTP/1\.[01] 503 ' <<< "$reply" && tail -n 1 <<< "$reply" | grep -q database
+}
+# healthz, and the metrics the alerts of deploy/alerts.yml use.
+# (Replies are read whole before grep -q, which stops at the first match:
+# a writer cut short by it would fail the pipeline under pipefail.)
+health_in() {
+    local reply
+    reply=$(http_in "$1" 9100 /healthz) || return 1
+    grep -Eq '^HTTP/1\.[01] 200 ' <<< "$reply"
+}
+metrics_in() {
+    local text metric
+    text=$(http_in "$1" 9100 /metrics) || return 1
+    grep -Eq '^HTTP/1\.[01] 200 ' <<< "$text" || return 1
+    for metric in vmm_build_info vmm_lease_age_seconds vmm_db_pool_waiting vmm_db_pool_connections vmm_commands_total; do
+        grep -q "^$metric[{ ]" <<< "$text" || { echo "no $metric" >&2; return 1; }
+    done
+}
+# lb_servers: each server of the balancer's backend with its state and its
+# last check (`a UP L7OK`), from HAProxy's stats socket (deploy/haproxy.cfg).
+lb_servers() {
+    cluster exec -T lb timeout 10 bash -c \
+        'exec 3<>/dev/tcp/127.0.0.1/9999 && echo "show stat" >&3 && cat <&3' \
+        | awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+                   $1 == "vmm_servers" && $2 != "BACKEND" {
+                       status = $col["status"]; gsub(/ /, "_", status)  # "UP 1/2": going down
+                       print $2, status, $col["check_status"] }'
+}
+# lb_both STATE: both servers are in STATE (UP or DOWN) for the balancer.
+lb_both() { [ "$(lb_servers | awk -v s="$1" '$2 == s' | wc -l)" = 2 ]; }
+
 port_free() { ! python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)' "$1" 2>/dev/null; }
 
 # ---------------------------------------------------------------------------
 step "checking the tools and the ports"
 "${COMPOSE_CMD[@]}" version >/dev/null 2>&1 || fail "'${COMPOSE_CMD[*]}' does not run (set COMPOSE)"
-"${COMPOSE_CMD[@]}" version 2>&1 | head -n 1
+"${COMPOSE_CMD[@]}" version 2>&1 | sed -n 1p  # sed reads it all: no SIGPIPE under pipefail
 for port in "$VMM_PORT" "$VMM_LB_PORT"; do
     port_free "$port" || fail "something on this machine already answers on port $port; stop it or set VMM_PORT / VMM_LB_PORT"
 done
@@ -177,6 +232,11 @@ STARTED=1
 step "default profile: build the image and start db and server"
 compose up -d --build
 wait_for "server answers ping on port $VMM_PORT" ping_port "$VMM_PORT"
+wait_for "server's /readyz is 200 (port 9100 inside its container)" ready_in server
+readyz server | sed 's/^/  server \/readyz: /'
+health_in server || fail "server's /healthz is not 200"
+metrics_in server || fail "server's /metrics lacks a metric the alerts use"
+echo "ok: server's /healthz is 200 and /metrics has the alerts' metrics"
 # (with the profile on: `ps` leaves out the services of profiles not named)
 running=$(cluster ps --services --filter status=running) || fail "compose ps"
 if grep -qx 'server-2\|lb' <<< "$running"; then fail "the default profile started a cluster service: $running"; fi
@@ -199,6 +259,33 @@ lb_used_both() {
     grep -q 'vmm_servers/a ' <<< "$log" && grep -q 'vmm_servers/b ' <<< "$log"
 }
 wait_for "the balancer sends connections to both servers" lb_used_both
+for service in server server-2; do
+    wait_for "$service's /readyz is 200" ready_in "$service"
+    readyz "$service" | sed "s/^/  $service \/readyz: /"
+done
+wait_for "the balancer's health checks (/readyz) mark both servers UP" lb_both UP
+lb_servers | sed 's/^/  lb: /'
+
+step "database paused: both servers leave the rotation, and come back"
+# Both servers share the database: pausing it makes both /readyz answer
+# 503 (the database check has a one-second limit), and HAProxy marks them
+# DOWN after two failed checks, while /healthz stays 200.
+cluster pause db
+for service in server server-2; do
+    wait_for "$service's /readyz is 503, naming the database" not_ready_in "$service"
+    readyz "$service" | sed "s/^/  $service \/readyz: /"
+    health_in "$service" || fail "$service's /healthz is not 200 without the database"
+done
+echo "ok: both /healthz stay 200"
+wait_for "the balancer marks both servers DOWN" lb_both DOWN
+lb_servers | sed 's/^/  lb: /'
+cluster unpause db
+for service in server server-2; do
+    wait_for "$service's /readyz is 200 again" ready_in "$service"
+done
+wait_for "the balancer marks both servers UP again" lb_both UP
+lb_servers | sed 's/^/  lb: /'
+wait_for "the balancer answers ping on port $VMM_LB_PORT" ping_port "$VMM_LB_PORT"
 
 step "cluster profile: one server sees what the other registered"
 out=$(list_in server-2) || fail "list all_vms in server-2"
@@ -231,6 +318,8 @@ cluster up -d
 wait_for "server answers ping on port $VMM_PORT" ping_port "$VMM_PORT"
 wait_for "server-2 answers ping" ping_in server-2
 wait_for "the balancer answers ping on port $VMM_LB_PORT" ping_port "$VMM_LB_PORT"
+wait_for "server's /readyz is 200" ready_in server
+wait_for "server-2's /readyz is 200" ready_in server-2
 out=$(list_in server) || fail "list all_vms in server"
 expect_vms "by server after the restart" "$out" smoke-a smoke-b
 out=$(list_in server-2) || fail "list all_vms in server-2"

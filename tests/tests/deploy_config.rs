@@ -5,14 +5,76 @@
 //!   hour at least with TCP keepalive both ways, re-dispatches connections
 //!   whose server is gone, and resolves the servers' names at run time;
 //! - both server services run one image, built once;
-//! - the Docker build context leaves out what the build does not read.
+//! - the Docker build context leaves out what the build does not read;
+//! - each server serves metrics and health on port 9100, HAProxy takes a
+//!   server out on its /readyz, and Prometheus scrapes that port;
+//! - promtool accepts prometheus.yml and alerts.yml, and the alerts pass
+//!   their unit tests (alerts.test.yml), when promtool is installed
+//!   (required where `VMM_REQUIRE_PROMTOOL` is set, as CI sets it);
+//! - every series the alerts and their tests name is one a real server
+//!   serves (this one needs the test database): a renamed metric or label
+//!   would otherwise leave an alert that passes its tests and never fires.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vmm_tests::{TestServer, err, ok, password_for};
+
+/// The repository's top directory.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 fn read(path: &str) -> String {
-    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    let full = root().join(path);
     std::fs::read_to_string(&full).unwrap_or_else(|err| panic!("{}: {err}", full.display()))
+}
+
+/// A service's lines in docker-compose.yml: those after `  name:` that are
+/// indented deeper.
+fn compose_service(name: &str) -> String {
+    let compose = read("docker-compose.yml");
+    let header = format!("  {name}:");
+    compose
+        .lines()
+        .skip_while(|line| *line != header)
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with("   "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `promtool ARGS` in the repository's top directory and fails the test
+/// if promtool rejects the files. Returns false (and says so) when promtool
+/// is not installed (Debian's `prometheus` package), unless
+/// `VMM_REQUIRE_PROMTOOL` is set: then a missing promtool fails the test.
+fn promtool(args: &[&str]) -> bool {
+    let output = match Command::new("promtool")
+        .args(args)
+        .current_dir(root())
+        .output()
+    {
+        Ok(output) => output,
+        Err(err) if std::env::var_os("VMM_REQUIRE_PROMTOOL").is_some() => {
+            panic!("promtool is required (VMM_REQUIRE_PROMTOOL) but cannot run: {err}")
+        }
+        Err(err) => {
+            eprintln!("promtool not run ({err}); install Debian's `prometheus` package");
+            return false;
+        }
+    };
+    assert!(
+        output.status.success(),
+        "promtool {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    true
 }
 
 /// The configuration's lines, without comments and blank lines, trimmed.
@@ -99,23 +161,11 @@ fn haproxy_starts_under_20000_descriptors_and_keeps_idle_vms() {
 
 #[test]
 fn both_servers_run_one_image_built_once() {
-    let compose = read("docker-compose.yml");
-    // A service's lines: those after `  name:` that are indented deeper.
-    let service = |name: &str| -> String {
-        let header = format!("  {name}:");
-        compose
-            .lines()
-            .skip_while(|line| *line != header)
-            .skip(1)
-            .take_while(|line| line.is_empty() || line.starts_with("   "))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     let image = |body: &str| {
         body.lines()
             .find_map(|l| l.trim().strip_prefix("image:").map(|i| i.trim().to_owned()))
     };
-    let (one, two) = (service("server"), service("server-2"));
+    let (one, two) = (compose_service("server"), compose_service("server-2"));
     assert_eq!(image(&one), image(&two), "one image for both servers");
     assert!(image(&one).is_some());
     let builds = [&one, &two]
@@ -162,4 +212,186 @@ fn the_build_context_leaves_out_what_the_build_does_not_read() {
         .find("cargo build")
         .expect("dependencies built before the sources are copied");
     assert!(dependency_build > 0);
+}
+
+const SERVERS: [&str; 2] = ["server", "server-2"];
+
+#[test]
+fn each_server_serves_metrics_on_9100_for_haproxy_and_prometheus() {
+    for name in SERVERS {
+        let body = compose_service(name);
+        let lines: Vec<&str> = body.lines().map(str::trim).collect();
+        assert!(
+            lines.contains(&"VMM_METRICS_LISTEN: 0.0.0.0:9100"),
+            "{name} does not serve metrics on 9100:\n{body}"
+        );
+        assert!(
+            lines.contains(&"expose:") && lines.contains(&"- \"9100\""),
+            "{name} does not expose 9100:\n{body}"
+        );
+    }
+
+    // HAProxy asks /readyz on the metrics port, not whether the client port
+    // accepts: a server without its database accepts all the same.
+    let lines = haproxy();
+    let has = |line: &str| lines.iter().any(|l| l == line);
+    assert!(has("option httpchk GET /readyz"), "{lines:#?}");
+    assert!(has("http-check expect status 200"), "{lines:#?}");
+    assert!(!has("option tcp-check"), "one kind of check: {lines:#?}");
+    let checked_on_9100 = |line: &str| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words.contains(&"check") && words.windows(2).any(|w| w == ["port", "9100"])
+    };
+    let servers: Vec<&String> = lines.iter().filter(|l| l.starts_with("server ")).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("default-server") && checked_on_9100(l))
+            || servers.iter().all(|l| checked_on_9100(l)),
+        "the servers are not checked on port 9100: {lines:#?}"
+    );
+
+    // Prometheus scrapes each of them there, with the alert rules.
+    let prometheus = read("deploy/prometheus.yml");
+    let items: Vec<&str> = prometheus
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter_map(|line| line.strip_prefix("- "))
+        .collect();
+    for name in SERVERS {
+        let target = format!("{name}:9100");
+        assert!(
+            items.contains(&target.as_str()),
+            "prometheus.yml does not scrape {target}"
+        );
+    }
+    assert!(items.contains(&"alerts.yml"), "no rule file: {items:?}");
+}
+
+#[test]
+fn promtool_accepts_the_prometheus_config_and_its_rules() {
+    // The config names alerts.yml relative to itself; promtool checks both.
+    if promtool(&["check", "config", "deploy/prometheus.yml"]) {
+        promtool(&["check", "rules", "deploy/alerts.yml"]);
+    }
+}
+
+#[test]
+fn the_alerts_fire_when_they_should_and_only_then() {
+    promtool(&["test", "rules", "deploy/alerts.test.yml"]);
+}
+
+/// A series named in a rule or test file: a metric name and its label
+/// matchers with `=` (regular expressions and negations match anything).
+#[derive(Debug)]
+struct Selector {
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
+/// The `vmm_*` selectors outside comments in `text`.
+fn selectors(text: &str) -> Vec<Selector> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut found = Vec::new();
+    for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let mut rest = line;
+        while let Some(at) = rest.find("vmm_") {
+            let boundary = !rest[..at].ends_with(is_name);
+            let tail = &rest[at..];
+            let end = tail.find(|c: char| !is_name(c)).unwrap_or(tail.len());
+            let name = &tail[..end];
+            rest = &tail[end..];
+            if !boundary {
+                continue;
+            }
+            let mut labels = Vec::new();
+            if let Some(inner) = rest.strip_prefix('{') {
+                let close = inner.find('}').expect("a closing brace");
+                for matcher in inner[..close].split(',').map(str::trim) {
+                    let Some((label, value)) = matcher.split_once('=') else {
+                        continue;
+                    };
+                    if label.ends_with('!') || value.starts_with('~') {
+                        continue;
+                    }
+                    labels.push((label.trim().to_owned(), value.trim_matches('"').to_owned()));
+                }
+                rest = &inner[close..];
+            }
+            found.push(Selector {
+                name: name.to_owned(),
+                labels,
+            });
+        }
+    }
+    found
+}
+
+/// `/metrics` of `server`, after one request of each command the alerts
+/// and their tests name (and a failed login).
+async fn scrape_after_commands(server: &TestServer) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(vmm_core::health::serve(
+        listener,
+        Arc::clone(&server.context),
+        std::future::pending(),
+    ));
+    let mut vm = server.raw().await;
+    ok(&vm
+        .call(json!({"command": "register", "data": {"vm_id": "d1", "ram": 64, "cpu": 1, "password": password_for("d1")}}))
+        .await);
+    err(
+        &vm.call(json!({"command": "authenticate", "data": {"vm_id": "d1", "password": "not the password"}}))
+            .await,
+        "invalid_credentials",
+    );
+    ok(&vm
+        .call(json!({"command": "authenticate", "data": {"vm_id": "d1", "password": password_for("d1")}}))
+        .await);
+    ok(&vm
+        .call(json!({"command": "update", "data": {"ram": 128}}))
+        .await);
+    ok(&vm
+        .call(json!({"command": "list", "data": {"list_type": "all_vms"}}))
+        .await);
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    body.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_the_alerts_read_is_one_the_server_serves() {
+    let server = TestServer::start().await;
+    let text = scrape_after_commands(&server).await;
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    // Target labels Prometheus adds, and the error codes that only the
+    // made-up series of the tests carry.
+    let not_served = ["job", "instance", "outcome"];
+    let mut checked = 0;
+    for file in ["deploy/alerts.yml", "deploy/alerts.test.yml"] {
+        for selector in selectors(&read(file)) {
+            let served = samples.iter().any(|line| {
+                let end = line.find(['{', ' ']).unwrap_or(line.len());
+                line[..end] == selector.name
+                    && selector
+                        .labels
+                        .iter()
+                        .filter(|(label, _)| !not_served.contains(&label.as_str()))
+                        .all(|(label, value)| line[end..].contains(&format!("{label}=\"{value}\"")))
+            });
+            assert!(served, "{file}: {selector:?} is no series of:\n{text}");
+            checked += 1;
+        }
+    }
+    // The scan itself found the alerts' series (not nothing at all).
+    assert!(checked >= 20, "only {checked} selectors found");
 }
