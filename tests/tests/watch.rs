@@ -190,7 +190,8 @@ async fn event_lines_are_compact_json() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(keys, ["event", "data", "at"]);
+    assert_eq!(keys, ["event", "data", "at", "seq"]);
+    assert!(event["seq"].as_i64().unwrap() > 0, "{line}");
 }
 
 #[tokio::test]

@@ -58,6 +58,10 @@ pub struct Config {
     pub instance_lease: Duration,
     /// How often the lease is renewed.
     pub presence_interval: Duration,
+    /// How long change events stay in the event log, for watchers that
+    /// resume (`watch` with `since`) and instances that lost their
+    /// listening connection.
+    pub event_retention: Duration,
     /// TCP keepalive probes on accepted sockets start after this much silence,
     /// so that peers that vanished without a FIN are noticed (`None`: off).
     pub tcp_keepalive: Option<Duration>,
@@ -92,6 +96,7 @@ impl Default for Config {
             instance_name: String::new(),
             instance_lease: Duration::from_secs(10),
             presence_interval: Duration::from_secs(2),
+            event_retention: Duration::from_secs(24 * 60 * 60),
             tcp_keepalive: Some(Duration::from_secs(30)),
             tls: None,
         }

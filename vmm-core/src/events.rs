@@ -52,8 +52,12 @@ impl Topic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub name: Arc<str>,
-    /// `{"event": ..., "data": {...}, "at": ...}` and a newline.
+    /// `{"event": ..., "data": {...}, "at": ..., "seq": ...}` and a newline.
     pub line: Arc<str>,
+    /// Its place in the event log (migration V9), shared by every instance
+    /// and increasing in commit order; 0 for what is not logged (the
+    /// revocations that only instances hear).
+    pub seq: i64,
 }
 
 impl Event {
@@ -65,9 +69,11 @@ impl Event {
     pub(crate) fn from_payload(payload: &str) -> Option<Event> {
         let value: serde_json::Value = serde_json::from_str(payload).ok()?;
         let name = value.get("event")?.as_str()?.into();
+        let seq = value.get("seq").and_then(|seq| seq.as_i64()).unwrap_or(0);
         Some(Event {
             name,
             line: format!("{value}\n").into(),
+            seq,
         })
     }
 }

@@ -23,7 +23,10 @@
 //! - [`events`]: change events from every instance, for `watch`: events,
 //!   topics, and the fan-out to this instance's watchers.
 //! - [`listener`]: the connection that LISTENs for every instance's NOTIFY:
-//!   change events, and token revocations that end sessions here.
+//!   change events, and token revocations that end sessions here; after a
+//!   reconnection it catches up from the event log.
+//! - `retention`: the event log's upkeep, deleting events older than
+//!   `--event-retention`.
 //! - [`listing`]: list replies streamed from PostgreSQL in bounded memory,
 //!   and the bound on lists running at once.
 //! - [`presence`]: this instance's lease in the shared database, which is
@@ -93,6 +96,7 @@ pub mod password;
 pub mod presence;
 pub mod protocol;
 pub mod registry;
+mod retention;
 pub mod secrets;
 pub mod server;
 pub mod session;

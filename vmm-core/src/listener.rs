@@ -3,9 +3,11 @@
 //! [`crate::events`]), and token revocations, which end this instance's
 //! sessions of the revoked tokens.
 //!
-//! Events that happen while the listening connection is down are lost to
-//! the watchers; it reconnects with backoff. Revocations are not lost: after
-//! each (re)connect the tokens of this instance's sessions are checked.
+//! Events that happen while the listening connection is down are not lost:
+//! it reconnects with backoff, then reads what it missed from the event log
+//! (migration V9) and passes it on before the live events, skipping those
+//! it had already passed. Revocations are not lost either: after each
+//! (re)connect the tokens of this instance's sessions are checked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,13 +74,15 @@ async fn revoke_missed(context: &Context) {
 pub(crate) fn listen(context: Arc<Context>) -> AbortOnDrop {
     AbortOnDrop::spawn(async move {
         let mut backoff = Duration::from_millis(100);
+        // The `seq` of the last event passed on, once known.
+        let mut last = None;
         loop {
-            let result = relay(&context).await;
+            let result = relay(&context, &mut last).await;
             context.events.listening.send_replace(false);
             match result {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(err) => {
-                    tracing::warn!(error = %err, "event listener disconnected; events are lost until it is back");
+                    tracing::warn!(error = %err, "event listener disconnected; catching up from the event log once it is back");
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -87,8 +91,51 @@ pub(crate) fn listen(context: Arc<Context>) -> AbortOnDrop {
     })
 }
 
-/// One listening connection's life: LISTEN, then forward every notification.
-async fn relay(context: &Context) -> Result<(), tokio_postgres::Error> {
+/// Events read from the log at once when catching up.
+const CATCH_UP_PAGE: i64 = 1000;
+
+/// Passes on the logged events after `last`, up to the latest; on the first
+/// connection, only notes where the log stands.
+async fn catch_up(context: &Context, last: &mut Option<i64>) -> crate::error::Result<()> {
+    let Some(mut after) = *last else {
+        *last = Some(context.store.event_log().await?.latest);
+        return Ok(());
+    };
+    let mut passed = 0usize;
+    loop {
+        let Some(page) = context.store.events_after(after, CATCH_UP_PAGE).await? else {
+            let latest = context.store.event_log().await?.latest;
+            tracing::warn!(
+                after,
+                latest,
+                "events were pruned from the log before this instance could pass them on; \
+                 its watchers missed them"
+            );
+            *last = Some(latest);
+            return Ok(());
+        };
+        let done = (page.len() as i64) < CATCH_UP_PAGE;
+        for event in page {
+            after = event.seq;
+            passed += 1;
+            drop(context.events.sender.send(event));
+        }
+        *last = Some(after);
+        if done {
+            if passed > 0 {
+                tracing::info!(
+                    events = passed,
+                    "passed on the events missed while not listening"
+                );
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// One listening connection's life: LISTEN, catch up from the log, then
+/// forward every notification.
+async fn relay(context: &Context, last: &mut Option<i64>) -> Result<(), RelayError> {
     let (client, mut connection) =
         tokio_postgres::connect(&context.config.database_url, NoTls).await?;
     let (notes, mut received) = mpsc::channel(WATCHER_BACKLOG);
@@ -113,18 +160,53 @@ async fn relay(context: &Context) -> Result<(), tokio_postgres::Error> {
     });
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     tracing::debug!("listening for events");
+    // Listening already, so that what is published while the log is read
+    // is in one or the other.
+    catch_up(context, last).await?;
     let events = &context.events;
     events.listening.send_replace(true);
     revoke_missed(context).await;
     while let Some(note) = received.recv().await {
         match Event::from_payload(note.payload()) {
             Some(event) if &*event.name == REVOKED => revoke(context, &event),
-            // No receiver is fine: nobody is watching.
-            Some(event) => drop(events.sender.send(event)),
+            Some(event) if last.is_some_and(|last| event.seq <= last) => {}
+            Some(event) => {
+                *last = Some(event.seq);
+                // No receiver is fine: nobody is watching.
+                drop(events.sender.send(event));
+            }
             None => tracing::warn!("ignoring a malformed event"),
         }
     }
     events.listening.send_replace(false);
     drop(driver);
     Ok(())
+}
+
+/// Why a listening connection ended.
+#[derive(Debug)]
+enum RelayError {
+    Listen(tokio_postgres::Error),
+    Log(crate::error::Error),
+}
+
+impl From<tokio_postgres::Error> for RelayError {
+    fn from(err: tokio_postgres::Error) -> RelayError {
+        RelayError::Listen(err)
+    }
+}
+
+impl From<crate::error::Error> for RelayError {
+    fn from(err: crate::error::Error) -> RelayError {
+        RelayError::Log(err)
+    }
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayError::Listen(err) => write!(f, "{err}"),
+            RelayError::Log(err) => write!(f, "cannot read the event log: {}", err.message),
+        }
+    }
 }

@@ -278,10 +278,13 @@ pub enum ErrorCode {
     Internal,
     Forbidden,
     TooManyAttempts,
+    /// `watch` with a `since` whose events are no longer kept, or that
+    /// was never issued.
+    Gone,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::RequestTooLarge,
@@ -296,6 +299,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Forbidden,
         ErrorCode::TooManyAttempts,
+        ErrorCode::Gone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -314,6 +318,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooManyAttempts => "too_many_attempts",
+            ErrorCode::Gone => "gone",
         }
     }
 }

@@ -50,6 +50,7 @@ pub async fn serve(
     let per_ip = Arc::new(PerIp::default());
     let presence = crate::presence::maintain(Arc::clone(&context));
     let events = crate::listener::listen(Arc::clone(&context));
+    let pruning = crate::retention::prune(Arc::clone(&context));
     let writer = crate::presence::write_behind(Arc::clone(&context));
     let audit = {
         let context = Arc::clone(&context);
@@ -150,6 +151,7 @@ pub async fn serve(
     }
     drop(writer);
     drop(events);
+    drop(pruning);
     drop(presence);
     drop(audit);
     context.audit_log.flush().await;

@@ -24,7 +24,7 @@
 //! watches its token's expiry; the connection task then ends it before the
 //! next command ([`Session::settle`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -420,14 +420,34 @@ enum Identity {
 }
 
 /// A session's subscription to change events.
+///
+/// Live events come from the instance's broadcast; when the watcher starts
+/// behind (`since`) or falls behind the broadcast, it reads the event log
+/// instead, a page at a time, until a short page says it has caught up.
+/// Since `seq` follows commit order and the broadcast was subscribed to
+/// before the first page was read, the live events it then holds are those
+/// pages' last ones and everything after: skipping what is not after
+/// `last` joins the two without a gap or a duplicate.
 #[derive(Debug)]
 struct Watch {
     topics: Vec<Topic>,
     events: broadcast::Receiver<Event>,
+    /// The `seq` of the last event passed (delivered, or not of the topics).
+    last: i64,
+    /// Events after `last` are to be read from the log.
+    behind: bool,
+    /// A page read from the log, not yet passed.
+    page: VecDeque<Event>,
     _seat: Seat,
 }
 
-/// The watcher fell too far behind its events; it has to go.
+/// Events read from the log at once: at most a few hundred KiB per
+/// watcher that is catching up, however far behind it is.
+const LOG_PAGE: i64 = 128;
+
+/// The watcher fell behind its events and cannot catch up from the log
+/// (it was pruned past them, or the database does not answer); it has to
+/// go, and may resume with `since`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lagged;
 
@@ -593,12 +613,22 @@ impl Session {
         }
     }
 
-    /// Starts (or changes) the session's subscription to change events.
-    pub fn watch(&mut self, topics: Vec<Topic>, events: broadcast::Receiver<Event>) {
+    /// Starts (or changes) the session's subscription to change events:
+    /// those after `last` (a `seq`), read from the log first when `behind`.
+    pub fn watch(
+        &mut self,
+        topics: Vec<Topic>,
+        events: broadcast::Receiver<Event>,
+        last: i64,
+        behind: bool,
+    ) {
         let seat = Seat::new(&self.sessions, true);
         self.watch = Some(Watch {
             topics,
             events,
+            last,
+            behind,
+            page: VecDeque::new(),
             _seat: seat,
         });
     }
@@ -612,20 +642,52 @@ impl Session {
         self.watch.is_some()
     }
 
-    /// The next event this session watches for; never completes while it
-    /// watches nothing. Cancel safe.
+    /// The next event this session watches for, in `seq` order; never
+    /// completes while it watches nothing. Cancel safe: a page of the log
+    /// whose reading is cancelled is read again.
     pub async fn next_event(&mut self) -> Result<Event, Lagged> {
         let Some(watch) = self.watch.as_mut() else {
             return std::future::pending().await;
         };
         loop {
-            match watch.events.recv().await {
-                Ok(event) if watch.topics.iter().any(|t| t.covers(&event.name)) => {
-                    return Ok(event);
+            let event = if let Some(event) = watch.page.pop_front() {
+                event
+            } else if watch.behind {
+                let page = match self.sessions.store.events_after(watch.last, LOG_PAGE).await {
+                    Ok(Some(page)) => page,
+                    Ok(None) => {
+                        tracing::info!(
+                            after = watch.last,
+                            "a watcher's events were pruned before it read them"
+                        );
+                        return Err(Lagged);
+                    }
+                    Err(err) => {
+                        tracing::info!(error = %err, "cannot read the event log for a watcher");
+                        return Err(Lagged);
+                    }
+                };
+                watch.behind = page.len() as i64 >= LOG_PAGE;
+                watch.page = page.into();
+                continue;
+            } else {
+                match watch.events.recv().await {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        watch.behind = true;
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return std::future::pending().await;
+                    }
                 }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => return Err(Lagged),
-                Err(broadcast::error::RecvError::Closed) => return std::future::pending().await,
+            };
+            if event.seq <= watch.last {
+                continue;
+            }
+            watch.last = event.seq;
+            if watch.topics.iter().any(|t| t.covers(&event.name)) {
+                return Ok(event);
             }
         }
     }
@@ -672,7 +734,7 @@ mod tests {
         let mut op = sessions.open(peer);
         op.become_operator().await.unwrap();
         let (_tx, rx) = broadcast::channel::<Event>(1);
-        op.watch(Vec::new(), rx);
+        op.watch(Vec::new(), rx, 0, false);
         let counts = |sessions: &Sessions| {
             let c = sessions.counts();
             (c.sessions, c.vms, c.operators, c.watchers)
@@ -687,7 +749,7 @@ mod tests {
         assert_eq!(counts(&sessions), (3, 1, 0, 0));
         op.become_operator().await.unwrap();
         let (_tx, rx) = broadcast::channel::<Event>(1);
-        op.watch(Vec::new(), rx);
+        op.watch(Vec::new(), rx, 0, false);
         assert_eq!(counts(&sessions), (3, 0, 1, 1));
 
         sessions.close(op);

@@ -14,6 +14,7 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Error, Result};
+use crate::events::Event;
 use crate::protocol::{DiskView, ErrorCode, InstanceStats, StatsSnapshot, Timestamp, VmView};
 
 mod lists;
@@ -109,6 +110,15 @@ fn one() -> i64 {
 }
 
 /// See [`Store::reserve_login`].
+/// Where the event log stands: every event up to `pruned_upto` was deleted
+/// for its age; `latest` is the last published; `oldest` the first kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLog {
+    pub pruned_upto: i64,
+    pub latest: i64,
+    pub oldest: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     /// The VM's password hash, when a VM was named and exists.
@@ -682,6 +692,72 @@ impl Store {
         let exists: bool = row.get(0);
         let revoked: i64 = row.get(1);
         Ok(exists.then(|| u64::try_from(revoked).unwrap_or_default()))
+    }
+
+    /// Where the event log stands (migration V9).
+    pub async fn event_log(&self) -> Result<EventLog> {
+        let row = self
+            .query_one(
+                "SELECT p.upto, greatest(p.upto, (SELECT max(seq) FROM events)), \
+                        (SELECT min(seq) FROM events) \
+                 FROM events_pruned p",
+                &[],
+            )
+            .await?;
+        Ok(EventLog {
+            pruned_upto: row.get(0),
+            latest: row.get(1),
+            oldest: row.get(2),
+        })
+    }
+
+    /// Up to `limit` logged events after `after`, in order; `None` when
+    /// some of those were pruned already (read in the same snapshot).
+    pub async fn events_after(&self, after: i64, limit: i64) -> Result<Option<Vec<Event>>> {
+        let rows = self
+            .query(
+                "SELECT p.upto, e.line FROM events_pruned p LEFT JOIN LATERAL ( \
+                     SELECT seq, line FROM events WHERE seq > $1 ORDER BY seq LIMIT $2 \
+                 ) e ON true ORDER BY e.seq",
+                &[&after, &limit],
+            )
+            .await?;
+        let pruned_upto: i64 = rows.first().map_or(0, |row| row.get(0));
+        if pruned_upto > after {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.iter()
+                .filter_map(|row| row.get::<_, Option<&str>>(1))
+                .filter_map(Event::from_payload)
+                .collect(),
+        ))
+    }
+
+    /// Deletes up to `batch` events older than `retention`, the oldest
+    /// first, and moves the pruned mark past them; returns how many. One
+    /// instance prunes at a time: the others find the lock taken and
+    /// delete nothing.
+    pub async fn prune_events(&self, retention: Duration, batch: i64) -> Result<i64> {
+        let row = self
+            .query_one(
+                // 0x766d6d5f7072756e: "vmm_prun".
+                "WITH turn AS (SELECT pg_try_advisory_xact_lock(8533597125612828014) AS mine), \
+                 gone AS ( \
+                     DELETE FROM events WHERE (SELECT mine FROM turn) AND seq IN ( \
+                         SELECT seq FROM events \
+                         WHERE at < now() - $1::float8 * interval '1 second' \
+                         ORDER BY seq LIMIT $2) \
+                     RETURNING seq \
+                 ), mark AS ( \
+                     UPDATE events_pruned SET upto = greatest(upto, (SELECT max(seq) FROM gone)) \
+                     WHERE EXISTS (SELECT 1 FROM gone) \
+                 ) \
+                 SELECT count(*) FROM gone",
+                &[&retention.as_secs_f64(), &batch],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Which of these session families still have a live token.

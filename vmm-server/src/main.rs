@@ -63,6 +63,11 @@ struct Args {
     #[arg(long, env = "VMM_INSTANCE_LEASE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     instance_lease: u64,
 
+    /// Seconds change events stay in the event log, from which watchers
+    /// resume (`watch` with `since`); the default is a day.
+    #[arg(long, env = "VMM_EVENT_RETENTION", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    event_retention: u64,
+
     /// Enrollment secret: `register` must carry it as `registration_secret`.
     /// Prefer the environment variable: command lines are visible to every
     /// user of the machine.
@@ -162,6 +167,7 @@ async fn main() -> ExitCode {
         shutdown_grace: Duration::from_secs(5),
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         instance_lease: Duration::from_secs(args.instance_lease),
+        event_retention: Duration::from_secs(args.event_retention),
         registration_secret: args.registration_secret.filter(|secret| !secret.is_empty()),
         token_ttl: Duration::from_secs(args.token_ttl),
         request_timeout: (args.request_timeout > 0)

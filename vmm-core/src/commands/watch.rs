@@ -1,11 +1,16 @@
-//! `watch` and `unwatch`: live change events from every instance, for an
-//! authenticated session.
+//! `watch` and `unwatch`: change events from every instance, live, and
+//! resumable from the event log, for an authenticated session.
 //!
 //! ```text
 //! -> {"command": "watch", "data": {"topics": ["vms", "sessions"]}}
-//! <- {"status":"success","message":"watching vms, sessions","data":{"topics":["vms","sessions"]}}
-//! <- {"event":"session_authenticated","data":{"session_id":4294967298,...},"at":"2026-11-28T18:40:00.000000Z"}
-//! <- {"event":"vm_updated","data":{"vm":{...}},"at":"..."}
+//! <- {"status":"success","message":"watching vms, sessions","data":{"topics":["vms","sessions"],"seq":41}}
+//! <- {"event":"session_authenticated","data":{"session_id":4294967298,...},"at":"2026-11-28T18:40:00.000000Z","seq":42}
+//! <- {"event":"vm_updated","data":{"vm":{...}},"at":"...","seq":43}
+//! -> {"command": "watch", "data": {"since": 43}}
+//! <- {"status":"success","message":"watching vms, sessions, disks","data":{"topics":[...],"seq":43}}
+//! <- the events after 43 that are in the log, in order, then live ones
+//! -> {"command": "watch", "data": {"since": 7}}
+//! <- {"status":"error","message":"the events after 7 are no longer kept ...","data":{"oldest":120,"latest":4711},"code":"gone"}
 //! -> {"command": "unwatch", "data": {}}
 //! <- {"status":"success","message":"stopped watching","data":{}}
 //! ```
@@ -15,8 +20,17 @@
 //! `session_authenticated`, `session_logged_out`, `session_closed`,
 //! `instance_lost`); all of them when `topics` is left out. Event lines have
 //! no `status` key, which is how a client tells them from replies. The
-//! connection keeps serving requests meanwhile. A watcher that falls more
-//! than a thousand events behind is disconnected; logging out stops watching.
+//! connection keeps serving requests meanwhile.
+//!
+//! Every event has a `seq`, shared by every instance and increasing in
+//! commit order (migration V9). The reply's `data.seq` is where the watch
+//! starts: the events after it follow, each once, in order. With `since`,
+//! they start after that `seq`, from the log; a `since` older than the log
+//! keeps (`--event-retention`), or one never issued, is `gone`, with the
+//! oldest kept and the latest `seq` in `data`. A watcher that falls behind
+//! the live events catches up from the log too; one that cannot (the log
+//! was pruned past it, or the database does not answer) is disconnected.
+//! Logging out stops watching.
 
 use std::time::Duration;
 
@@ -27,8 +41,10 @@ use crate::error::Error;
 use crate::events::Topic;
 use crate::params;
 use crate::protocol::Data;
+use crate::protocol::ErrorCode;
 use crate::registry::{Command, HandlerFuture, Success};
 use crate::session::Session;
+use crate::store::EventLog;
 
 inventory::submit! {
     Command {
@@ -46,6 +62,7 @@ inventory::submit! {
 #[serde(deny_unknown_fields)]
 struct Params {
     topics: Option<Vec<String>>,
+    since: Option<i64>,
 }
 
 fn topic_name(topic: Topic) -> &'static str {
@@ -81,12 +98,46 @@ fn watch<'a>(ctx: &'a Context, session: &'a mut Session, data: Data) -> HandlerF
         }
         let names: Vec<&str> = topics.iter().copied().map(topic_name).collect();
         let message = format!("watching {}", names.join(", "));
+        if p.since.is_some_and(|since| since < 0) {
+            return Err(Error::invalid_params(
+                "`since` is a `seq` from an event line or a `watch` reply: 0 or more",
+            ));
+        }
+        // Subscribed before the log is read, so that what is published
+        // meanwhile is in one or the other (see `Session::watch`).
         let Some(events) = ctx.events.subscribe(Duration::from_secs(2)).await else {
             return Err(Error::unavailable());
         };
-        session.watch(topics, events);
-        Success::new(message).with("topics", names)
+        let log = ctx.store.event_log().await?;
+        let (last, behind) = match p.since {
+            None => (log.latest, false),
+            Some(since) if (log.pruned_upto..=log.latest).contains(&since) => (since, true),
+            Some(since) => return Err(gone(since, &log)),
+        };
+        session.watch(topics, events, last, behind);
+        Success::new(message)
+            .with("topics", names)?
+            .with("seq", last)
     })
+}
+
+/// The reply to a `since` the log cannot serve.
+fn gone(since: i64, log: &EventLog) -> Error {
+    let message = if since > log.latest {
+        format!(
+            "`since` {since} was never issued: the latest event is {}",
+            log.latest
+        )
+    } else {
+        format!(
+            "the events after {since} are no longer kept (see data.oldest): list again, \
+             then watch from data.latest"
+        )
+    };
+    let mut err = Error::new(ErrorCode::Gone, message);
+    err.data.insert("oldest".into(), log.oldest.into());
+    err.data.insert("latest".into(), log.latest.into());
+    err
 }
 
 fn unwatch<'a>(_: &'a Context, session: &'a mut Session, data: Data) -> HandlerFuture<'a> {
