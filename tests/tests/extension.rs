@@ -47,6 +47,7 @@ async fn a_command_registered_by_the_host_is_served_and_listed() {
             "ping",
             "register",
             "revoke",
+            "stats",
             "unwatch",
             "update",
             "watch"

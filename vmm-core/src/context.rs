@@ -133,6 +133,24 @@ impl Context {
         }))
     }
 
+    /// The figures that are read from the parts that keep them (sessions,
+    /// hasher, pool) rather than counted: for `/metrics` and `stats`.
+    pub fn figures(&self) -> crate::metrics::Scrape {
+        let sessions = self.sessions.counts();
+        let pool = self.store.pool_status();
+        crate::metrics::Scrape {
+            hashes_run: self.passwords.hashes_run(),
+            sessions: sessions.sessions,
+            vm_sessions: sessions.vms,
+            operator_sessions: sessions.operators,
+            watchers: sessions.watchers,
+            password_queue: self.passwords.queued(),
+            pool_size: pool.size,
+            pool_available: pool.available,
+            pool_waiting: pool.waiting,
+        }
+    }
+
     /// Appends to the audit trail, as done by `session`'s client. Best
     /// effort; repeated failures and refusals coalesce (see [`crate::audit`]).
     pub async fn audit(

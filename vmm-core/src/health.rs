@@ -89,7 +89,7 @@ impl State {
         }
         match request.uri().path() {
             "/metrics" => {
-                let body = self.context.metrics.encode(&scrape(&self.context));
+                let body = self.context.metrics.encode(&self.context.figures());
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
@@ -104,23 +104,6 @@ impl State {
             },
             _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
         }
-    }
-}
-
-/// The figures of the metrics that are read rather than counted.
-fn scrape(context: &crate::Context) -> crate::metrics::Scrape {
-    let sessions = context.sessions.counts();
-    let pool = context.store.pool_status();
-    crate::metrics::Scrape {
-        hashes_run: context.passwords.hashes_run(),
-        sessions: sessions.sessions,
-        vm_sessions: sessions.vms,
-        operator_sessions: sessions.operators,
-        watchers: sessions.watchers,
-        password_queue: context.passwords.queued(),
-        pool_size: pool.size,
-        pool_available: pool.available,
-        pool_waiting: pool.waiting,
     }
 }
 

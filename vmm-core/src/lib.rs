@@ -40,6 +40,9 @@
 //!   connection limit under it, and refusing clients when it is reached.
 //! - [`metrics`]: this instance's Prometheus metrics, in a registry of its
 //!   own.
+//! - [`stats`]: this instance's figures for the `stats` command (rates and
+//!   latencies over the last 10 s and minute), written with each lease
+//!   renewal so that one query answers for the fleet.
 //! - [`health`]: the HTTP listener for `/metrics`, `/healthz` and
 //!   `/readyz` (`--metrics-listen`).
 //! - [`client`]: a small async [`Client`] with a typed method per command.
@@ -93,6 +96,7 @@ pub mod registry;
 pub mod secrets;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod store;
 mod task;
 pub mod tls;

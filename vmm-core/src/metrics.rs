@@ -30,7 +30,7 @@ pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 
 /// Latency buckets, in seconds: a ping takes well under a millisecond, a
 /// login with argon2 tens of milliseconds, a large list seconds.
-const BUCKETS: &[f64] = &[
+pub(crate) const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
@@ -355,6 +355,31 @@ impl Metrics {
         )
     }
 
+    /// Every command's request count and cumulative latency buckets (one per
+    /// [`BUCKETS`] bound) so far, for the windows of [`crate::stats`]; only
+    /// commands that have been used.
+    pub(crate) fn command_totals(&self) -> Vec<CommandTotal> {
+        use prometheus::core::Metric;
+        self.series
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, series)| {
+                let histogram = series.duration.get()?;
+                let metric = histogram.metric();
+                let proto = metric.get_histogram();
+                Some(CommandTotal {
+                    name: self.name(CommandSlot(slot)),
+                    count: proto.get_sample_count(),
+                    buckets: proto
+                        .get_bucket()
+                        .iter()
+                        .map(|bucket| bucket.cumulative_count())
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
     /// Records a renewal of this instance's lease (or its joining).
     pub fn lease_renewed(&self, ok: bool) {
         if ok {
@@ -412,6 +437,15 @@ impl Metrics {
         }
         text
     }
+}
+
+/// A command's totals since start (see [`Metrics::command_totals`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CommandTotal {
+    pub name: &'static str,
+    pub count: u64,
+    /// Requests at or under each of [`BUCKETS`]' bounds.
+    pub buckets: Vec<u64>,
 }
 
 /// Counts an open connection in [`Metrics::connections`] until dropped.

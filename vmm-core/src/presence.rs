@@ -6,32 +6,35 @@
 //! ran out. Other instances list only sessions of instances with a live lease,
 //! so a crashed instance disappears from every list within one lease. After
 //! the database was unreachable, or after this instance's row was reaped, the
-//! next renewal writes all of its live sessions again.
+//! next renewal writes all of its live sessions again. Each renewal also
+//! writes this instance's figures for `stats` (see [`crate::stats`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::time::MissedTickBehavior;
 
 use crate::context::Context;
 use crate::error::Result;
 use crate::session::Change;
+use crate::stats::Window;
 use crate::task::AbortOnDrop;
 
-/// One round: join or renew, then rewrite the sessions if writes were lost.
-async fn renew(context: &Context) -> Result<()> {
+/// One round: join if needed, renew with this instance's figures, then
+/// rewrite the sessions if writes were lost.
+async fn renew(context: &Context, window: &mut Window) -> Result<()> {
     let sessions = &context.sessions;
     let config = &context.config;
-    let id = sessions.instance_id();
-    if id == 0 {
+    if sessions.instance_id() == 0 {
         sessions
             .join(&config.instance_name, config.instance_lease)
             .await?;
-        context.metrics.lease_renewed(true);
-        return Ok(());
     }
+    let id = sessions.instance_id();
+    let stats = crate::stats::snapshot(context, window);
     if context
         .store
-        .renew_instance(id, &config.instance_name, config.instance_lease)
+        .renew_instance(id, &config.instance_name, config.instance_lease, &stats)
         .await?
     {
         tracing::warn!(
@@ -68,9 +71,10 @@ pub(crate) fn maintain(context: Arc<Context>) -> AbortOnDrop {
         let mut ticker = tokio::time::interval(context.config.presence_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut healthy = true;
+        let mut window = Window::new(Instant::now());
         loop {
             ticker.tick().await;
-            match renew(&context).await {
+            match renew(&context, &mut window).await {
                 Ok(()) if !healthy => {
                     tracing::info!("database reachable again; presence restored");
                     healthy = true;

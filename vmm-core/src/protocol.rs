@@ -528,6 +528,70 @@ pub struct CommandHelp {
     pub summary: String,
 }
 
+/// An entry of the `stats` reply: one live instance, its figures as of its
+/// last lease renewal (`lease_age_ms` ago).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStats {
+    pub id: i64,
+    pub name: String,
+    pub started_at: Timestamp,
+    pub lease_age_ms: u64,
+    #[serde(flatten)]
+    pub snapshot: StatsSnapshot,
+}
+
+/// What an instance writes with each renewal of its lease. Every field
+/// defaults, so that a snapshot written by another version of vmm still
+/// reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatsSnapshot {
+    /// Open connections.
+    pub connections: u64,
+    pub sessions: SessionCounts,
+    /// Password hashes waiting for a hashing slot.
+    pub password_queue: u64,
+    pub db_pool: PoolCounts,
+    /// Sessions watching change events.
+    pub watchers: u64,
+    /// The commands answered in the last minute, busiest first.
+    pub commands: Vec<CommandStats>,
+}
+
+/// Live sessions by state, as `vmm_sessions` counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionCounts {
+    /// Not authenticated.
+    pub connected: u64,
+    /// Authenticated as a VM.
+    pub authenticated: u64,
+    pub operator: u64,
+}
+
+/// The database pool: connections open, idle and in use, and requests
+/// waiting for one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolCounts {
+    pub size: u64,
+    pub idle: u64,
+    pub in_use: u64,
+    pub waiting: u64,
+}
+
+/// One command's requests (every outcome) per second over the last 10 s and
+/// the last minute, and its latency quantiles over the last minute.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CommandStats {
+    pub command: String,
+    pub rate_10s: f64,
+    pub rate_1m: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
 /// Limits of protocol v1, shared by validation and the database's CHECKs.
 pub mod limits {
     pub const VM_ID_MAX_LEN: usize = 64;

@@ -10,11 +10,11 @@ use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Error, Result};
-use crate::protocol::{DiskView, ErrorCode, Timestamp, VmView};
+use crate::protocol::{DiskView, ErrorCode, InstanceStats, StatsSnapshot, Timestamp, VmView};
 
 mod lists;
 
@@ -977,7 +977,13 @@ impl Store {
     /// instance's own row had to be re-created (it had been reaped while this
     /// instance could not reach the database): its sessions must then be
     /// written again.
-    pub async fn renew_instance(&self, id: i64, name: &str, lease: Duration) -> Result<bool> {
+    pub async fn renew_instance(
+        &self,
+        id: i64,
+        name: &str,
+        lease: Duration,
+        stats: &StatsSnapshot,
+    ) -> Result<bool> {
         let row = self
             .query_one(
                 "WITH dead AS ( \
@@ -987,15 +993,43 @@ impl Store {
                      UPDATE vms v SET last_seen_at = GREATEST(v.last_seen_at, d.renewed_at) \
                      FROM sessions s JOIN dead d ON d.id = s.instance_id WHERE v.vm_id = s.vm_id \
                  ) \
-                 INSERT INTO instances (id, name, expires_at) OVERRIDING SYSTEM VALUE \
-                 VALUES ($1, $2, now() + $3::float8 * interval '1 second') \
+                 INSERT INTO instances (id, name, expires_at, stats) OVERRIDING SYSTEM VALUE \
+                 VALUES ($1, $2, now() + $3::float8 * interval '1 second', $4) \
                  ON CONFLICT (id) DO UPDATE \
-                 SET renewed_at = now(), expires_at = EXCLUDED.expires_at \
+                 SET renewed_at = now(), expires_at = EXCLUDED.expires_at, stats = EXCLUDED.stats \
                  RETURNING (xmax = 0) AS recreated",
-                &[&id, &name, &lease.as_secs_f64()],
+                &[&id, &name, &lease.as_secs_f64(), &Json(stats)],
             )
             .await?;
         Ok(row.get(0))
+    }
+
+    /// Every live instance with the figures it wrote at its last renewal
+    /// (see [`crate::stats`]), by name. A snapshot that does not read (one
+    /// from another version of vmm) shows as zeros rather than failing the
+    /// reply.
+    pub async fn instance_stats(&self) -> Result<Vec<InstanceStats>> {
+        let rows = self
+            .query(
+                "SELECT id, name, started_at, \
+                        (extract(epoch FROM now() - renewed_at) * 1000)::float8, stats \
+                 FROM instances WHERE expires_at >= now() ORDER BY name, id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| InstanceStats {
+                id: row.get(0),
+                name: row.get(1),
+                started_at: Timestamp(row.get(2)),
+                lease_age_ms: row.get::<_, f64>(3).max(0.0).round() as u64,
+                snapshot: row
+                    .get::<_, Option<Json<serde_json::Value>>>(4)
+                    .and_then(|Json(value)| serde_json::from_value(value).ok())
+                    .unwrap_or_default(),
+            })
+            .collect())
     }
 
     /// Removes this instance and its sessions (a graceful shutdown).

@@ -10,6 +10,7 @@ mod logout;
 mod ping;
 mod register;
 mod revoke;
+mod stats;
 mod update;
 mod watch;
 
