@@ -514,12 +514,12 @@ with its lease renewal, so they are at most a couple of seconds old: the
 follows its size:
 
   instances      a row each: name, id, up (uptime), lease (age of the
-                 figures), conns (open connections), sessions c/a/o
-                 (connected, authenticated as a VM, operator), watchers,
-                 pw queue (password hashes waiting for a worker), db pool
-                 (in use/size), db wait (requests waiting for a database
-                 connection), req/s (requests per second over the last
-                 10 s); and their totals
+                 figures), conns (open connections), sess c/a/o
+                 (sessions connected, authenticated as a VM, operator),
+                 watch (watchers), pw q (password hashes waiting for a
+                 worker), db pool (in use/size), db wait (requests waiting
+                 for a database connection), req/s (requests per second
+                 over the last 10 s); and their totals
   busiest commands
                  per command over the fleet: req/s over 10 s and 1 min
                  (summed over the instances) and p99 in ms over the last

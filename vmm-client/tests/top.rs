@@ -108,8 +108,8 @@ async fn the_live_view_shows_both_instances_and_follows_a_registration() {
         rows[0].starts_with(&format!("vmm top  {}  2 instances", alpha.addr)),
         "{screen}"
     );
-    assert!(screen.contains("total (2 instances)"), "{screen}");
-    assert!(screen.contains("no events yet"), "{screen}");
+    assert!(screen.contains("│total "), "{screen}");
+    assert!(screen.contains("┌latest events"), "{screen}");
 
     // A VM registers through beta: its connection, its command and its
     // event all show, though the view is connected to alpha.
@@ -197,7 +197,7 @@ async fn without_a_terminal_top_prints_plain_tables() {
     let out = &run.stdout;
     assert_eq!(out.matches("== vmm top ").count(), 1, "{out}");
     assert!(out.contains(": 2 instances ==\n"), "{out}");
-    for what in ["| top-alpha ", "| top-beta ", "| total (2 instances) "] {
+    for what in ["| top-alpha ", "| top-beta ", "| total "] {
         assert!(out.contains(what), "{what}: {out}");
     }
     assert!(

@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! == vmm top 2026-11-29T15:00:01Z: 2 instances ==
-//! +----------+----+-----+-------+-------+----------------+-- ...
-//! | instance | id |  up | lease | conns | sessions c/a/o | ...
+//! +----------+----+-----+-------+-------+------------+-- ...
+//! | instance | id |  up | lease | conns | sess c/a/o | ...
 //! ...
 //! busiest commands (rates summed over the instances, p99 the highest instance's):
 //! +---------+-----------+----------+--------+
@@ -91,13 +91,7 @@ mod tests {
             text.starts_with("== vmm top 2026-11-29T15:00:01Z: 2 instances ==\n"),
             "{text}"
         );
-        for word in [
-            "vmm-a",
-            "vmm-b",
-            "total (2 instances)",
-            "sessions c/a/o",
-            COMMANDS_TITLE,
-        ] {
+        for word in ["vmm-a", "vmm-b", "| total ", "sess c/a/o", COMMANDS_TITLE] {
             assert!(text.contains(word), "{word}: {text}");
         }
         // The ten busiest only, busiest first.

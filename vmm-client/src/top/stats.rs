@@ -64,7 +64,10 @@ pub struct CommandStats {
 impl Instance {
     /// Requests per second over the last 10 s, all commands.
     pub fn rate(&self) -> f64 {
-        self.commands.iter().map(|command| command.rate_10s).sum()
+        // Not `sum()`, whose empty sum is -0.0, shown as `-0.0`.
+        self.commands
+            .iter()
+            .fold(0.0, |sum, command| sum + command.rate_10s)
     }
 
     /// How long the instance has been up at `now`; `None` when its start
@@ -275,6 +278,7 @@ mod tests {
         assert_eq!(fleet.instances[1], Instance::default());
         assert_eq!(fleet.totals.instances, 2);
         assert!(fleet.commands.is_empty());
+        assert!(fleet.instances[1].rate().is_sign_positive());
         assert_eq!(fleet.instances[0].uptime(SystemTime::now()), None);
     }
 

@@ -13,9 +13,9 @@ pub const INSTANCE_HEADERS: [&str; 11] = [
     "up",
     "lease",
     "conns",
-    "sessions c/a/o",
-    "watchers",
-    "pw queue",
+    "sess c/a/o",
+    "watch",
+    "pw q",
     "db pool",
     "db wait",
     "req/s",
@@ -32,7 +32,7 @@ pub const COMMAND_RIGHT: [usize; 3] = [1, 2, 3];
 pub const COMMANDS_TITLE: &str =
     "busiest commands (rates summed over the instances, p99 the highest instance's)";
 
-/// `sessions c/a/o`: connected, authenticated (as a VM), operator.
+/// `sess c/a/o`: sessions connected, authenticated (as a VM), operator.
 fn sessions(connected: u64, authenticated: u64, operator: u64) -> String {
     format!("{connected}/{authenticated}/{operator}")
 }
@@ -55,16 +55,13 @@ pub fn instance_row(instance: &Instance, now: SystemTime) -> [String; 11] {
     ]
 }
 
+/// The totals, under the instances; how many there are is said above the
+/// table, which keeps this row's label (the first column's width) short.
 pub fn totals_row(totals: &Totals) -> [String; 11] {
     let pool = &totals.db_pool;
     let s = &totals.sessions;
-    let noun = if totals.instances == 1 {
-        "instance"
-    } else {
-        "instances"
-    };
     [
-        format!("total ({} {noun})", totals.instances),
+        "total".to_owned(),
         String::new(),
         String::new(),
         String::new(),
@@ -194,17 +191,7 @@ mod tests {
         assert_eq!(
             totals_row(&fleet.totals),
             [
-                "total (2 instances)",
-                "",
-                "",
-                "",
-                "10",
-                "4/4/2",
-                "2",
-                "2",
-                "6/16",
-                "4",
-                "4.0"
+                "total", "", "", "", "10", "4/4/2", "2", "2", "6/16", "4", "4.0"
             ]
         );
         assert_eq!(
