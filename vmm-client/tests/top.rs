@@ -1,8 +1,9 @@
 //! `vmm-client top --admin` against two server instances on one database:
 //! the live view on a pseudo-terminal shows both, follows a registration
-//! made through the other instance, follows the window's size, and puts
-//! the terminal back when `q` ends it; elsewhere it prints plain tables
-//! (once, or until SIGTERM); without --admin it is a usage error.
+//! made through the other instance, follows the window's size, and puts the
+//! terminal back when `q`, Ctrl-C or SIGTERM ends it; elsewhere it prints
+//! plain tables (once, or until SIGTERM); without --admin it is a usage
+//! error; a lost connection ends it with 3.
 
 mod common;
 #[path = "common/pty.rs"]
@@ -94,22 +95,25 @@ async fn the_live_view_shows_both_instances_and_follows_a_registration() {
     // The view takes the alternate screen, leaving the shell's as it was.
     terminal.screen.wait_for("\x1b[?1049h", 0).await;
 
-    // Both instances, each with its figures: the view's own operator
-    // session on alpha, nothing on beta yet.
-    let rows = eventually("both instances on the screen", || async {
+    // Both instances, each with its figures (the view's own operator
+    // session on alpha, nothing on beta yet), their totals and the events'
+    // pane. The bytes are read as they come, so a reading may catch a frame
+    // half drawn: everything is looked for in the same reading, until one
+    // has it all.
+    let heading = format!("vmm top  {}  2 instances", alpha.addr);
+    eventually("both instances on the screen", || async {
         let rows = shown(&terminal, 0, ROWS, COLS);
         let alpha = connections(&rows, "top-alpha")?;
         let beta = connections(&rows, "top-beta")?;
-        (alpha == "1" && beta == "0").then_some(rows)
+        let screen = rows.join("\n");
+        (alpha == "1"
+            && beta == "0"
+            && rows[0].starts_with(&heading)
+            && screen.contains("│total ")
+            && screen.contains("┌latest events"))
+        .then_some(())
     })
     .await;
-    let screen = rows.join("\n");
-    assert!(
-        rows[0].starts_with(&format!("vmm top  {}  2 instances", alpha.addr)),
-        "{screen}"
-    );
-    assert!(screen.contains("│total "), "{screen}");
-    assert!(screen.contains("┌latest events"), "{screen}");
 
     // A VM registers through beta: its connection, its command and its
     // event all show, though the view is connected to alpha.
@@ -117,19 +121,17 @@ async fn the_live_view_shows_both_instances_and_follows_a_registration() {
     vm.register(&registration("fresh-vm", 64, vec![10]))
         .await
         .expect("register fresh-vm");
-    let rows = eventually("the registration on the screen", || async {
+    eventually("the registration on the screen", || async {
         let rows = shown(&terminal, 0, ROWS, COLS);
+        // The register row: rates and a p99 in milliseconds.
         let register = row_of(&rows, "│register ")?;
+        let figures = register.len() == 5 && register[3].parse::<f64>().is_ok();
         let event = rows
             .iter()
             .any(|row| row.contains("vm_registered fresh-vm ram=64 cpu=1 disks="));
-        (connections(&rows, "top-beta")? == "1" && event).then_some((rows, register))
+        (connections(&rows, "top-beta")? == "1" && figures && event).then_some(())
     })
     .await;
-    let (rows, register) = rows;
-    // The register row: a rate and a p99 in milliseconds.
-    assert_eq!(register.len(), 5, "{register:?}\n{}", rows.join("\n"));
-    assert!(register[3].parse::<f64>().is_ok(), "{register:?}");
     drop(vm);
 
     // A smaller window: the view is drawn again to its size.
@@ -151,36 +153,39 @@ async fn the_live_view_shows_both_instances_and_follows_a_registration() {
 
     // `q` quits with 0, and the terminal is as it was: the main screen
     // back, the cursor shown.
+    // (What it wrote last may reach the test after its exit.)
     let before_quit = terminal.screen.text().len();
     terminal.typing("q");
     let status = terminal.exited().await;
     assert!(status.success(), "{status:?}");
-    let after = terminal.screen.text();
-    let tail = after.get(before_quit..).unwrap_or_default();
-    assert!(
-        tail.contains("\x1b[?1049l"),
-        "no leave-alternate-screen: {tail:?}"
-    );
-    assert!(
-        tail.contains("\x1b[?25h"),
-        "the cursor stays hidden: {tail:?}"
-    );
+    let left = terminal.screen.wait_for("\x1b[?1049l", before_quit).await;
+    terminal.screen.wait_for("\x1b[?25h", left).await;
 }
 
 #[tokio::test]
-async fn ctrl_c_quits_the_live_view_too() {
+async fn ctrl_c_and_sigterm_end_the_live_view_too() {
     let (alpha, _beta) = fleet().await;
-    let command = client_std(&alpha.addr.to_string(), &["--admin", "top"], Some(ADMIN));
-    let mut terminal = Terminal::start(command, ROWS);
-    eventually("the view", || async {
-        connections(&shown(&terminal, 0, ROWS, COLS), "top-beta")
-    })
-    .await;
-    // Raw mode: Ctrl-C reaches the view as a key, not as SIGINT.
-    terminal.typing("\x03");
-    let status = terminal.exited().await;
-    assert!(status.success(), "{status:?}");
-    assert!(terminal.screen.text().contains("\x1b[?1049l"));
+    for how in ["Ctrl-C", "SIGTERM"] {
+        let command = client_std(&alpha.addr.to_string(), &["--admin", "top"], Some(ADMIN));
+        let mut terminal = Terminal::start(command, ROWS);
+        eventually("the view", || async {
+            connections(&shown(&terminal, 0, ROWS, COLS), "top-beta")
+        })
+        .await;
+        if how == "Ctrl-C" {
+            // Raw mode: Ctrl-C reaches the view as a key, not as SIGINT.
+            terminal.typing("\x03");
+        } else {
+            let killed = std::process::Command::new("kill")
+                .args(["-TERM", &terminal.child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(killed.success());
+        }
+        let status = terminal.exited().await;
+        assert!(status.success(), "{how}: {status:?}");
+        terminal.screen.wait_for("\x1b[?1049l", 0).await;
+    }
 }
 
 #[tokio::test]
@@ -316,4 +321,23 @@ async fn a_lost_connection_ends_top_with_3() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.starts_with("error: "), "{stderr}");
     drop(beta);
+}
+
+#[tokio::test]
+async fn a_lost_connection_ends_the_live_view_with_3_and_the_terminal_back() {
+    let (alpha, _beta) = fleet().await;
+    let command = client_std(&alpha.addr.to_string(), &["--admin", "top"], Some(ADMIN));
+    let mut terminal = Terminal::start(command, ROWS);
+    eventually("the view", || async {
+        connections(&shown(&terminal, 0, ROWS, COLS), "top-beta")
+    })
+    .await;
+    let before = terminal.screen.text().len();
+    alpha.shutdown().await;
+    let status = terminal.exited().await;
+    assert_eq!(status.code(), Some(3), "{status:?}");
+    // The main screen is back before the error is printed, so the error
+    // stays on it.
+    let left = terminal.screen.wait_for("\x1b[?1049l", before).await;
+    terminal.screen.wait_for("error: ", left).await;
 }
