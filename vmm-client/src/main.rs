@@ -174,7 +174,7 @@ struct Cli {
     #[arg(long, global = true)]
     admin: bool,
 
-    /// Shell and watch: ping the server after SECS (fractions allowed)
+    /// Shell, watch and top: ping the server after SECS (fractions allowed)
     /// without sending anything, so that an idle timeout (the server's
     /// --idle-timeout, or a balancer's) keeps the connection open; 0 never
     /// pings.
@@ -515,8 +515,8 @@ follows its size:
 
   instances      a row each: name, id, up (uptime), lease (age of the
                  figures), conns (open connections), sess c/a/o
-                 (sessions connected, authenticated as a VM, operator),
-                 watch (watchers), pw q (password hashes waiting for a
+                 (sessions by state: connected and not authenticated,
+                 authenticated as a VM, operator), watch (watchers), pw q (password hashes waiting for a
                  worker), db pool (in use/size), db wait (requests waiting
                  for a database connection), req/s (requests per second
                  over the last 10 s); and their totals

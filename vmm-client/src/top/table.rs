@@ -32,7 +32,8 @@ pub const COMMAND_RIGHT: [usize; 3] = [1, 2, 3];
 pub const COMMANDS_TITLE: &str =
     "busiest commands (rates summed over the instances, p99 the highest instance's)";
 
-/// `sess c/a/o`: sessions connected, authenticated (as a VM), operator.
+/// `sess c/a/o`: sessions by state, connected (not authenticated),
+/// authenticated (as a VM), operator.
 fn sessions(connected: u64, authenticated: u64, operator: u64) -> String {
     format!("{connected}/{authenticated}/{operator}")
 }
