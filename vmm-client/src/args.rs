@@ -35,6 +35,17 @@ pub fn parse_secs(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| wrong("out of range"))
 }
 
+/// Parses a number of seconds that must be more than zero (`0.5`, `2`).
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let duration = parse_secs(text)?;
+    if duration.is_zero() {
+        return Err(format!(
+            "`{text}` is not a number of seconds: it must be more than 0"
+        ));
+    }
+    Ok(duration)
+}
+
 /// `Some(duration)`, or `None` for zero (off).
 pub fn unless_zero(duration: Duration) -> Option<Duration> {
     (!duration.is_zero()).then_some(duration)
@@ -127,6 +138,9 @@ mod tests {
             assert!(parse_secs(wrong).is_err(), "{wrong}");
         }
         assert_eq!(unless_zero(Duration::ZERO), None);
+        assert_eq!(parse_interval("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_interval("0").is_err());
+        assert!(parse_interval("-1").is_err());
     }
 
     #[test]

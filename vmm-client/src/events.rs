@@ -175,7 +175,7 @@ fn clock(at: &str) -> String {
 
 /// `text` with control characters escaped, so that what other clients put in
 /// an event cannot move the cursor or break the line.
-fn clean(text: &str) -> String {
+pub fn clean(text: &str) -> String {
     if !text.chars().any(char::is_control) {
         return text.to_owned();
     }

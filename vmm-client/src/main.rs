@@ -15,6 +15,10 @@
 //! `vmm-client watch` authenticates, sends `watch`, and then prints change
 //! events as they arrive until SIGINT or SIGTERM.
 //!
+//! `vmm-client top --admin` shows every server instance's figures (the
+//! `stats` command), refreshed every second, and the latest events: a live
+//! view on a terminal, a plain table per refresh elsewhere.
+//!
 //! `vmm-client agent` is different: it runs on a VM and keeps it
 //! authenticated, reconnecting when the connection is lost, until SIGINT or
 //! SIGTERM.
@@ -22,9 +26,8 @@
 //! The modules, from the top down; each uses only modules named after it:
 //! `main` parses the arguments and dispatches; `docs` prints the completion
 //! scripts and the man page; `agent` is the agent, `shell` the interactive
-//! shell, `watch` the one-shot `watch` and `list_watch` `list --watch`;
-//! `pages` lists a
-//! page at a time; `conn` runs requests over one connection; `input` is the shell's blocking input
+//! shell, `watch` the one-shot `watch`, `list_watch` `list --watch` and
+//! `top` the fleet's live view; `pages` lists a page at a time; `conn` runs requests over one connection; `input` is the shell's blocking input
 //! thread; `events` prints change events and `render` draws replies as
 //! tables; `password` finds a one-shot command's password and `secrets` the
 //! operator token and the enrollment secret. At the bottom, depending on
@@ -50,6 +53,7 @@ mod secrets;
 mod shell;
 mod signals;
 mod text;
+mod top;
 mod watch;
 
 use std::path::PathBuf;
@@ -60,7 +64,7 @@ use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, V
 use vmm_core::client::{Registration, Update};
 use vmm_core::protocol::ListType;
 
-use crate::args::{Resize, parse_addr, parse_resize, parse_secs, unless_zero};
+use crate::args::{Resize, parse_addr, parse_interval, parse_resize, parse_secs, unless_zero};
 use crate::conn::Conn;
 use crate::failure::Failure;
 use crate::op::Op;
@@ -93,6 +97,11 @@ as they happen, until SIGINT or SIGTERM (exit 0) or a lost connection
 (exit 3); it pings like the shell. In the shell, `watch` and `unwatch` turn
 the same events on and off between commands.
 
+`top --admin` shows every server instance (connections, sessions, database
+pool, request rates), the busiest commands and the latest events, refreshed
+every second until `q`; a plain table per refresh when stdout is not a
+terminal. See `help top`.
+
 `agent` runs on a VM: it registers the VM (with --ram and --cpu) and
 authenticates, pings every --ping-interval, reconnects with capped
 exponential backoff when the connection is lost, logs each state change to
@@ -113,6 +122,7 @@ Examples:
   vmm-client send '{\"command\": \"ping\", \"id\": 1}'
   vmm-client commands
   VMM_PASSWORD=securePass123 vmm-client watch --vm-id stalin --topics vms,sessions
+  VMM_ADMIN_TOKEN=... vmm-client top --admin
   vmm-client --addr 10.0.0.5 --keepalive 10
   printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client
   VMM_PASSWORD=securePass123 vmm-client agent --vm-id stalin --ram 512 --cpu 4 --disk 100
@@ -126,7 +136,8 @@ Exit codes:
   1  the server answered with an error reply (printed as `error: MESSAGE (CODE)`)
   2  usage error: bad arguments, or no password source
   3  cannot connect, the connection was lost, or the reply made no sense
-`watch` runs until SIGINT or SIGTERM, and then exits 0.
+`watch` runs until SIGINT or SIGTERM, and then exits 0; so does `top`
+(also on `q` or Ctrl-C in its live view).
 The shell reading a script from stdin exits 0 at the end of the input even if
 some commands got error replies; only a lost connection makes it exit 3.";
 
@@ -157,13 +168,13 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Act as the operator: `list`, `audit`, `revoke` and `watch` open an operator
-    /// session with the admin token from $VMM_ADMIN_TOKEN instead of
-    /// authenticating as a VM.
+    /// Act as the operator: `list`, `audit`, `revoke`, `watch` and `top` open
+    /// an operator session with the admin token from $VMM_ADMIN_TOKEN instead
+    /// of authenticating as a VM.
     #[arg(long, global = true)]
     admin: bool,
 
-    /// Shell and watch: ping the server after SECS (fractions allowed)
+    /// Shell, watch and top: ping the server after SECS (fractions allowed)
     /// without sending anything, so that an idle timeout (the server's
     /// --idle-timeout, or a balancer's) keeps the connection open; 0 never
     /// pings.
@@ -403,6 +414,19 @@ enum ClientCommand {
         vm_id: String,
     },
 
+    /// A live view of every server instance, the busiest commands and the
+    /// latest events (needs --admin).
+    #[command(long_about = TOP_ABOUT)]
+    Top {
+        /// Seconds between two refreshes (fractions allowed, more than 0).
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
+        interval: Duration,
+
+        /// Print one plain table (with --json: the `stats` reply) and exit.
+        #[arg(long)]
+        once: bool,
+    },
+
     /// Send TEXT exactly as given and print the reply line(s) verbatim.
     Send {
         /// The raw request, e.g. '{"command": "ping"}'.
@@ -478,6 +502,37 @@ session_logged_out, session_closed, instance_lost).
 Exits 0 on SIGINT or SIGTERM, 1 when authentication or `watch` is refused,
 3 when the connection is lost (also when the server disconnects a watcher
 that falls too far behind).";
+
+const TOP_ABOUT: &str = "\
+A live view of every server instance, the busiest commands and the latest
+events (needs --admin and $VMM_ADMIN_TOKEN).
+
+Opens an operator session on one instance and asks `stats` every --interval
+seconds; every live instance answers through it (each writes its figures
+with its lease renewal, so they are at most a couple of seconds old: the
+`lease` column says how old). On a terminal the view fills the screen and
+follows its size:
+
+  instances      a row each: name, id, up (uptime), lease (age of the
+                 figures), conns (open connections), sess c/a/o
+                 (sessions by state: connected and not authenticated,
+                 authenticated as a VM, operator), watch (watchers), pw q (password hashes waiting for a
+                 worker), db pool (in use/size), db wait (requests waiting
+                 for a database connection), req/s (requests per second
+                 over the last 10 s); and their totals
+  busiest commands
+                 per command over the fleet: req/s over 10 s and 1 min
+                 (summed over the instances) and p99 in ms over the last
+                 minute (the highest instance's: an upper bound)
+  latest events  what `watch` prints, newest last
+
+Keys: q or Ctrl-C quits (so do SIGINT and SIGTERM); the terminal is put
+back as it was however the view ends.
+
+When stdout is not a terminal (or with --once), each refresh is printed as
+plain tables under a `== vmm top TIME: N instances ==` line, until SIGINT or
+SIGTERM (exit 0); --once prints one and exits. With --json each refresh is
+the `stats` reply line. A lost connection ends the run with exit code 3.";
 
 /// A `watch` topic.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -716,6 +771,14 @@ async fn one_shot(
                 topics: topics.iter().map(|topic| topic.name().to_owned()).collect(),
             };
             watch::run(addr, json, keepalive, watch).await
+        }
+        ClientCommand::Top { interval, once } => {
+            if !admin {
+                return Err(Failure::Usage(
+                    "top is for operators: add --admin (and set $VMM_ADMIN_TOKEN)".into(),
+                ));
+            }
+            top::run(addr, json, keepalive, top::Options { interval, once }).await
         }
         ClientCommand::Send { text } => {
             conn::replies_expected(&text)?;

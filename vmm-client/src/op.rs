@@ -43,6 +43,8 @@ pub enum Op {
     Revoke {
         vm_id: String,
     },
+    /// Every live instance's figures (operator sessions; `top`).
+    Stats,
 }
 
 impl Op {
@@ -60,12 +62,13 @@ impl Op {
             Op::Operator { .. } => "authenticate",
             Op::Audit { .. } => "audit",
             Op::Revoke { .. } => "revoke",
+            Op::Stats => "stats",
         }
     }
 
     fn data(&self) -> Value {
         match self {
-            Op::Ping | Op::Logout | Op::Unwatch | Op::Help => json!({}),
+            Op::Ping | Op::Logout | Op::Unwatch | Op::Help | Op::Stats => json!({}),
             Op::Watch(topics) if topics.is_empty() => json!({}),
             Op::Watch(topics) => json!({"topics": topics}),
             Op::Register(registration) => registration.to_data(),

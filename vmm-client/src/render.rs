@@ -23,7 +23,8 @@ pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
             Ok(format!("{}\n{}", reply.message, vm_table(&vm)))
         }
         Op::Help => Ok(help_table(&field::<Vec<CommandHelp>>(reply, "commands")?)),
-        Op::Operator { .. } | Op::Revoke { .. } => Ok(reply.message.clone()),
+        // `top` draws `stats` itself, from the reply's data.
+        Op::Operator { .. } | Op::Revoke { .. } | Op::Stats => Ok(reply.message.clone()),
         Op::Audit { .. } => Ok(audit_table(field(reply, "events")?)),
         Op::List { kind, .. } => {
             let entries = reply.data.get(kind.as_str()).cloned();
@@ -213,7 +214,8 @@ const STYLE: TableStyle =
     presets::ASCII_FULL_CONDENSED.header_separator(LineStyle::new('+', '-', '+', '+'));
 
 /// A table with `header`; columns whose index is in `right` are right-aligned.
-fn table(header: &[&str], right: &[usize]) -> Table {
+/// Public for `top`'s plain tables, so that they look like every other.
+pub fn table(header: &[&str], right: &[usize]) -> Table {
     let mut table = Table::new();
     table.load_style(STYLE);
     table.set_header(header.to_vec());

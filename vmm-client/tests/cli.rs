@@ -402,7 +402,7 @@ async fn completion_scripts_and_the_man_page_need_no_server() {
         assert!(run.stdout.contains(roff), "{roff}: {}", run.stdout);
     }
     // Every subcommand, and no page of its own that `man` does not write.
-    for subcommand in ["register", "commands", "agent", "completions"] {
+    for subcommand in ["register", "commands", "agent", "completions", "top"] {
         let entry = format!("\\fBvmm\\-client {subcommand}\\fR");
         assert!(run.stdout.contains(&entry), "{entry}: {}", run.stdout);
     }

@@ -101,6 +101,23 @@ impl Terminal {
         self.keyboard.flush().unwrap();
     }
 
+    /// Changes the terminal's size, as a window being resized does: the
+    /// process gets SIGWINCH.
+    #[allow(dead_code)] // only tests/top.rs resizes
+    pub fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let size = Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer.
+        let set =
+            unsafe { nix::libc::ioctl(self.keyboard.as_raw_fd(), nix::libc::TIOCSWINSZ, &size) };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    }
+
     /// Waits (bounded) for the process to exit.
     pub async fn exited(&mut self) -> ExitStatus {
         let deadline = Deadline::new("vmm-client to exit");
