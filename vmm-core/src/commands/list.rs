@@ -426,7 +426,7 @@ impl Entries for SessionEntries {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     #[test]
     fn cursors_round_trip_and_name_their_list() {
