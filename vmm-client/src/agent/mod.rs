@@ -373,9 +373,20 @@ struct Keeper {
     /// The last update the server refused: not sent again on this
     /// connection.
     refused: Option<Update>,
+    /// An update with disks to attach whose reply was lost with the
+    /// connection: if it went through, the next record shows the disks.
+    unanswered: Option<Attaching>,
     notices: Once,
     /// The last state-file error logged, so that it is logged once.
     save_error: Option<String>,
+}
+
+/// The disks an update attaches, and the record it was planned against.
+#[derive(Debug)]
+struct Attaching {
+    before: VmView,
+    keys: Vec<String>,
+    sizes: Vec<u32>,
 }
 
 /// How one connection ended.
@@ -462,6 +473,7 @@ impl Agent {
             not_registered: None,
             record: None,
             refused: None,
+            unanswered: None,
             notices: Once::default(),
             save_error: None,
         }
@@ -705,6 +717,9 @@ impl Agent {
                 return Ok(());
             }
         };
+        if let Some(attaching) = keeper.unanswered.take() {
+            self.adopt_unanswered(&attaching, &record, keeper);
+        }
         let plan = reconcile::plan(&wanted, &record, &keeper.state.disks);
         notices.extend(plan.notices.iter().map(Notice::to_string));
         for fresh in keeper.notices.fresh(notices) {
@@ -719,7 +734,19 @@ impl Agent {
                 "updating: {}",
                 describe_update(&record, &update, &plan.attach_keys, &keeper.state.disks)
             ));
-            match stop.guarded(client.update(&update)).await {
+            if !update.attach.is_empty() {
+                keeper.unanswered = Some(Attaching {
+                    before: record.clone(),
+                    keys: plan.attach_keys.clone(),
+                    sizes: update.attach.clone(),
+                });
+            }
+            let sent = stop.guarded(client.update(&update)).await;
+            if !matches!(&sent, Err(err) if err.code().is_none()) {
+                // Answered: the reply says what happened.
+                keeper.unanswered = None;
+            }
+            match sent {
                 Ok(vm) => {
                     let ids = reconcile::attached_ids(&record, &vm, plan.attach_keys.len());
                     match ids {
@@ -764,6 +791,32 @@ impl Agent {
         }
         self.save(keeper);
         Ok(())
+    }
+
+    /// Records the disks of an update whose reply was lost, if the record
+    /// shows that it went through: exactly as many new disks as it
+    /// attached, of the sizes it attached. Without this they would be
+    /// attached a second time.
+    fn adopt_unanswered(&self, attaching: &Attaching, record: &VmView, keeper: &mut Keeper) {
+        let Some(ids) = reconcile::attached_ids(&attaching.before, record, attaching.keys.len())
+        else {
+            return;
+        };
+        let sizes: Vec<u32> = ids
+            .iter()
+            .filter_map(|id| record.disks.iter().find(|disk| disk.id == *id))
+            .map(|disk| disk.disk_size)
+            .collect();
+        if sizes != attaching.sizes {
+            return;
+        }
+        for (key, id) in attaching.keys.iter().zip(ids) {
+            keeper.state.disks.insert(key.clone(), id);
+        }
+        self.log(format_args!(
+            "the update whose reply was lost went through: {}",
+            describe_mapping(&keeper.state.disks)
+        ));
     }
 
     /// Writes the state file if the mapping changed, or if there is none
@@ -834,10 +887,11 @@ fn describe_update(
     mapping: &BTreeMap<String, i64>,
 ) -> String {
     let mut parts = Vec::new();
-    if let Some(ram) = update.ram {
+    // Both are always sent; only a change is worth a word.
+    if let Some(ram) = update.ram.filter(|ram| *ram != record.ram) {
         parts.push(format!("ram {}→{ram} MiB", record.ram));
     }
-    if let Some(cpu) = update.cpu {
+    if let Some(cpu) = update.cpu.filter(|cpu| *cpu != record.cpu) {
         parts.push(format!("cpu {}→{cpu}", record.cpu));
     }
     for (id, size) in &update.resize {
