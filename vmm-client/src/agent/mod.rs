@@ -367,7 +367,7 @@ struct Keeper {
     known: bool,
     /// Why `register` was not sent or not accepted, for the hint when the
     /// password is then refused.
-    not_registered: Option<&'static str>,
+    not_registered: Option<String>,
     /// The server's record, from the last `authenticate` or `update` reply.
     record: Option<VmView>,
     /// The last update the server refused: not sent again on this
@@ -561,6 +561,12 @@ impl Agent {
             if let Some(end) = self.stopping(stop, "registering") {
                 return end;
             }
+        } else if keeper.record.is_none() {
+            keeper.not_registered = Some(format!(
+                "the state file {} says the VM was registered, so it was not registered \
+                 again; if the server's database is new, remove the file",
+                self.state_path.display()
+            ));
         }
 
         let authenticate = client.login(&self.vm_id, &self.password.0);
@@ -573,11 +579,15 @@ impl Agent {
                 keeper.record = Some(vm);
             }
             Err(err) => {
-                let end = self.failed("authentication", err);
-                return match (end, keeper.not_registered) {
-                    (End::Fatal(why), Some(hint)) if why.contains("invalid_credentials") => {
-                        End::Fatal(format!("{why}; {hint}"))
-                    }
+                let hint = match &err {
+                    ClientError::Server {
+                        code: ErrorCode::InvalidCredentials,
+                        ..
+                    } => keeper.not_registered.take(),
+                    _ => None,
+                };
+                return match (self.failed("authentication", err), hint) {
+                    (End::Fatal(why), Some(hint)) => End::Fatal(format!("{why}; {hint}")),
                     (end, _) => end,
                 };
             }
@@ -636,7 +646,8 @@ impl Agent {
                 ));
                 keeper.not_registered = Some(
                     "if the VM does not exist yet, registering it needs the server's \
-                     enrollment secret (--registration-secret-file)",
+                     enrollment secret (--registration-secret-file)"
+                        .into(),
                 );
             }
             Err(err) => return Err(self.failed("registration", err)),
