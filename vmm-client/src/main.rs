@@ -102,10 +102,12 @@ pool, request rates), the busiest commands and the latest events, refreshed
 every second until `q`; a plain table per refresh when stdout is not a
 terminal. See `help top`.
 
-`agent` runs on a VM: it registers the VM (with --ram and --cpu) and
-authenticates, pings every --ping-interval, reconnects with capped
-exponential backoff when the connection is lost, logs each state change to
-stderr, and on SIGINT or SIGTERM logs out and exits 0. See `help agent`.
+`agent` runs on a VM: it registers the VM with what the machine has (or
+--ram, --cpu, --disk) and authenticates, keeps the VM's record true to the
+machine (--reconcile-interval), pings every --ping-interval, reconnects with
+capped exponential backoff when the connection is lost, logs each state
+change to stderr, and on SIGINT or SIGTERM logs out and exits 0. See `help
+agent`.
 
 `help SUBCOMMAND` (or `SUBCOMMAND --help`) shows a subcommand's help;
 `commands` lists the commands the server understands. `completions SHELL`
@@ -864,16 +866,21 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_registers_only_with_both_ram_and_cpu() {
+    fn each_agent_flag_overrides_its_own_field_within_the_limits() {
         let parse = |args: &[&str]| {
             let argv = ["vmm-client", "agent", "--vm-id", "a"];
             Cli::try_parse_from(argv.iter().chain(args)).is_ok()
         };
         assert!(parse(&[]));
         assert!(parse(&["--ram", "512", "--cpu", "2", "--disk", "10"]));
-        assert!(!parse(&["--ram", "512"]));
-        assert!(!parse(&["--cpu", "2"]));
-        assert!(!parse(&["--disk", "10"]));
+        assert!(parse(&["--ram", "512"]));
+        assert!(parse(&["--cpu", "2"]));
+        assert!(parse(&["--disk", "10"]));
+        assert!(!parse(&["--ram", "0"]));
+        assert!(!parse(&["--cpu", "1025"]));
+        assert!(!parse(&["--disk", "1048577"]));
+        assert!(parse(&["--dry-run", "--reconcile-interval", "0.2"]));
+        assert!(parse(&["--state-file", "/tmp/a.json"]));
         assert!(parse(&["--ping-interval", "0.2", "--backoff-max", "1.5"]));
         assert!(!parse(&["--ping-interval", "soon"]));
         assert!(!parse(&["--password", "secret"]));

@@ -139,11 +139,16 @@ async fn the_agent_reads_the_enrollment_secret_from_a_file() {
     let server = server_with_secret().await;
     let addr = server.addr.to_string();
     let file = SecretFile::new("agent", &format!("{SECRET}\r\n"));
+    // Its state file, never under the real /var/lib.
+    let state = SecretFile::new("agent-state.json", "");
+    let _ = std::fs::remove_file(&state.0);
     let agent = |env_secret: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vmm-client"));
         command
             .args(["--addr", &addr, "agent", "--vm-id", "vm-agent"])
-            .args(["--ram", "64", "--cpu", "1", "--registration-secret-file"])
+            .args(["--ram", "64", "--cpu", "1", "--disk", "1", "--state-file"])
+            .arg(&state.0)
+            .arg("--registration-secret-file")
             .arg(&file.0)
             .env("VMM_PASSWORD", "agent-password")
             .env_remove("VMM_REGISTRATION_SECRET")
