@@ -147,7 +147,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let proxy_protocol = proxy_protocol(&args);
     // refinery logs each migration it applies, as does `Store::migrate`
     // (with the version's name): one line each is enough.
     let filter = EnvFilter::try_from_default_env()
@@ -163,6 +162,7 @@ async fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+    let proxy_protocol = proxy_protocol(&args);
     // Before anything is opened: every connection is a descriptor, and
     // `serve` fits --max-connections under the soft limit it finds.
     match vmm_core::descriptors::raise_limit() {
@@ -298,16 +298,15 @@ async fn run(
     Ok(())
 }
 
-/// The PROXY protocol's settings, or a usage error: each of the two flags
-/// is useless without the other, and a balancer that sends headers to a
-/// server that does not expect them breaks every client's first request.
-/// There is no default for the trusted peers: any default (private ranges,
-/// say) would include the VMs themselves on many networks, and a VM that
-/// reaches the server around the balancer could then name any address.
+/// The PROXY protocol's settings, or a usage error. There is no default
+/// for the trusted peers: any default (private ranges, say) would include
+/// the VMs themselves on many networks, and a VM that reaches the server
+/// around the balancer could then name any address. The trusted peers
+/// without the protocol are only a warning, so that a deployment can keep
+/// them in its settings and switch the protocol alone.
 fn proxy_protocol(args: &Args) -> Option<vmm_core::proxy_protocol::ProxyProtocol> {
     use clap::CommandFactory;
     let usage = |kind, message: &str| -> ! { Args::command().error(kind, message).exit() };
-    let missing = |message: &str| usage(clap::error::ErrorKind::MissingRequiredArgument, message);
     // Empty entries are none, so that an empty VMM_PROXY_PROTOCOL_FROM
     // (`${VAR:-}` in a compose file) is the flag not given.
     let trusted = args
@@ -325,13 +324,18 @@ fn proxy_protocol(args: &Args) -> Option<vmm_core::proxy_protocol::ProxyProtocol
     match (args.proxy_protocol, trusted.is_empty()) {
         (false, true) => None,
         (true, false) => Some(vmm_core::proxy_protocol::ProxyProtocol { trusted }),
-        (true, true) => missing(
+        (true, true) => usage(
+            clap::error::ErrorKind::MissingRequiredArgument,
             "--proxy-protocol needs --proxy-protocol-from (VMM_PROXY_PROTOCOL_FROM): the \
              addresses of the balancers, such as 172.16.0.0/12 for a Docker network",
         ),
-        (false, false) => missing(
-            "--proxy-protocol-from is set, but not --proxy-protocol (VMM_PROXY_PROTOCOL=true)",
-        ),
+        (false, false) => {
+            tracing::warn!(
+                "--proxy-protocol-from is ignored: the PROXY protocol is off \
+                 (--proxy-protocol, VMM_PROXY_PROTOCOL=true turns it on)"
+            );
+            None
+        }
     }
 }
 

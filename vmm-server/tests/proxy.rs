@@ -1,6 +1,7 @@
 //! `--proxy-protocol` and `--proxy-protocol-from` (and their environment
-//! variables): one is a usage error without the other, and together they
-//! make every connection start with a PROXY header from a trusted peer.
+//! variables): the first is a usage error without the second, the second
+//! alone is a warning, and together they make every connection start with
+//! a PROXY header from a trusted peer.
 
 use std::process::Command;
 
@@ -25,7 +26,7 @@ fn usage_error(args: &[&str], env: &[(&str, &str)]) -> String {
 }
 
 #[test]
-fn each_flag_needs_the_other_and_blocks_must_parse() {
+fn the_protocol_needs_trusted_peers_and_blocks_must_parse() {
     let stderr = usage_error(&["--proxy-protocol"], &[]);
     assert!(stderr.contains("needs --proxy-protocol-from"), "{stderr}");
     let stderr = usage_error(&[], &[("VMM_PROXY_PROTOCOL", "true")]);
@@ -33,8 +34,6 @@ fn each_flag_needs_the_other_and_blocks_must_parse() {
     // An empty list is no list.
     let stderr = usage_error(&["--proxy-protocol"], &[("VMM_PROXY_PROTOCOL_FROM", " ")]);
     assert!(stderr.contains("needs --proxy-protocol-from"), "{stderr}");
-    let stderr = usage_error(&["--proxy-protocol-from", "10.0.0.0/8"], &[]);
-    assert!(stderr.contains("not --proxy-protocol"), "{stderr}");
     let stderr = usage_error(
         &[
             "--proxy-protocol",
@@ -88,4 +87,21 @@ async fn from_the_environment_connections_need_a_header() {
         received.is_empty(),
         "no reply without a header: {received:?}"
     );
+}
+
+#[tokio::test]
+async fn trusted_peers_without_the_protocol_are_a_warning() {
+    let db = TestDb::create().await;
+    let server = ServerProcess::spawn(SERVER, &db, &["--proxy-protocol-from", "10.0.0.0/8"]).await;
+    let log = server.log();
+    assert!(
+        log.iter().any(|entry| entry["level"] == "WARN"
+            && entry["fields"]["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("--proxy-protocol-from is ignored"))),
+        "{log:?}"
+    );
+    // Off: a client without a header is served.
+    let mut plain = RawConn::connect(server.addr).await;
+    ok(&plain.call(json!({"command": "ping"})).await);
 }
