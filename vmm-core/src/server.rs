@@ -131,41 +131,31 @@ pub async fn serve(
                             Some(_) => span.record("via", tracing::field::display(peer)),
                             None => span.record("peer", tracing::field::display(peer)),
                         };
+                        // Boxed: the task keeps what it captures for its
+                        // whole life, and this is needed only until the
+                        // connection is placed.
+                        let accepted = Box::new(Accepted {
+                            stream,
+                            peer,
+                            from_ip,
+                            per_ip: Arc::clone(&per_ip),
+                            repeated: Arc::clone(&repeated),
+                        });
                         let context = Arc::clone(&context);
-                        let per_ip = Arc::clone(&per_ip);
-                        let repeated = Arc::clone(&repeated);
                         let mut stop = stop.subscribe();
                         tasks.spawn(
                             async move {
                                 let _connected = crate::metrics::Connected::new(&context.metrics);
-                                let (stream, arrival, from_ip) = match from_ip {
-                                    Some(from_ip) => (stream, Arrival::direct(peer), from_ip),
-                                    None => {
-                                        let header = through_balancer(stream, peer, &context, &per_ip, &repeated);
-                                        // Boxed: only needed until the header is read.
-                                        match Box::pin(header).await {
-                                            Some(arrived) => arrived,
-                                            None => return,
-                                        }
-                                    }
+                                // Boxed: none of its state (a TLS handshake's
+                                // is large) is needed once the connection
+                                // runs. And not given a name: the task would
+                                // keep its room beside the parts taken out.
+                                let Some((mut conn, mut session, from_ip)) =
+                                    Box::pin(begin(accepted, &context)).await
+                                else {
+                                    return;
                                 };
-                                let span = tracing::Span::current();
-                                // With the PROXY protocol on, the header's,
-                                // known only now.
-                                if context.config.proxy_protocol.is_some() {
-                                    span.record("peer", tracing::field::display(arrival.peer));
-                                }
-                                // Mutable, and used in place by the task: moved
-                                // into a binding of its own, it would take its
-                                // room in the task twice.
-                                let mut session = context.sessions.open(arrival.peer);
-                                span.record("session", session.id());
-                                // Boxed: a TLS handshake's state is large, and
-                                // would otherwise be part of every connection's
-                                // task for its whole life.
-                                if let Some(mut conn) = Box::pin(open(stream, arrival.early, &context)).await {
-                                    run(&mut conn, &context, registry, &mut session, &mut stop).await;
-                                }
+                                run(&mut conn, &context, registry, &mut session, &mut stop).await;
                                 finish(&context, session);
                                 drop((permit, from_ip));
                             }
@@ -220,6 +210,81 @@ fn lock(repeated: &Mutex<Repeated>) -> MutexGuard<'_, Repeated> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A connection accepted, not placed yet: with the PROXY protocol on, its
+/// header is still to be read, and its place under the per-address limit
+/// taken.
+struct Accepted {
+    stream: TcpStream,
+    /// The direct peer.
+    peer: SocketAddr,
+    /// Its place, when the direct peer is the client.
+    from_ip: Option<FromIp>,
+    per_ip: Arc<PerIp>,
+    repeated: Arc<Mutex<Repeated>>,
+}
+
+/// A connection placed: its client's address, and its place under the
+/// per-address limit.
+struct Placed {
+    stream: TcpStream,
+    arrival: Arrival,
+    from_ip: FromIp,
+}
+
+/// Places the connection: at once without the PROXY protocol, once its
+/// header is read with it. `None`: refused, and closed.
+async fn place(accepted: Box<Accepted>, context: &Context) -> Option<Placed> {
+    let Accepted {
+        stream,
+        peer,
+        from_ip,
+        per_ip,
+        repeated,
+    } = *accepted;
+    match from_ip {
+        Some(from_ip) => Some(Placed {
+            stream,
+            arrival: Arrival::direct(peer),
+            from_ip,
+        }),
+        None => through_balancer(stream, peer, context, &per_ip, &repeated).await,
+    }
+}
+
+/// Places the connection (with the PROXY protocol, once its header is
+/// read), opens its session, and makes its connection (with TLS, once the
+/// handshake is done). `None`: refused, or the handshake failed; closed.
+async fn begin(
+    accepted: Box<Accepted>,
+    context: &Context,
+) -> Option<(Connection, Session, FromIp)> {
+    let Placed {
+        stream,
+        arrival,
+        from_ip,
+    } = place(accepted, context).await?;
+    let session = context.sessions.open(arrival.peer);
+    name_span(context, &arrival, &session);
+    match open(stream, arrival.early, context).await {
+        Some(conn) => Some((conn, session, from_ip)),
+        None => {
+            finish(context, session);
+            None
+        }
+    }
+}
+
+/// Completes the connection's span: its session, and with the PROXY
+/// protocol on its peer, the header's, known only now. (A function, so that
+/// the span's handle is not kept in every connection's task.)
+fn name_span(context: &Context, arrival: &Arrival, session: &Session) {
+    let span = tracing::Span::current();
+    if context.config.proxy_protocol.is_some() {
+        span.record("peer", tracing::field::display(arrival.peer));
+    }
+    span.record("session", session.id());
+}
+
 /// With the PROXY protocol on: reads the connection's header, within the
 /// request timeout (10 s without one), as a TLS handshake is, and places
 /// the client it names under the per-address limit. `None`: refused, and
@@ -230,7 +295,7 @@ async fn through_balancer(
     context: &Context,
     per_ip: &Arc<PerIp>,
     repeated: &Mutex<Repeated>,
-) -> Option<(TcpStream, Arrival, FromIp)> {
+) -> Option<Placed> {
     let limit = context
         .config
         .request_timeout
@@ -245,7 +310,11 @@ async fn through_balancer(
             }
             let max = context.config.max_connections_per_ip;
             if let Some(from_ip) = per_ip.enter(arrival.peer.ip(), max) {
-                return Some((stream, arrival, from_ip));
+                return Some(Placed {
+                    stream,
+                    arrival,
+                    from_ip,
+                });
             }
             lock(repeated).crowded();
             context.metrics.refused_per_ip.inc();
