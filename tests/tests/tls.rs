@@ -265,3 +265,57 @@ async fn a_silent_plaintext_connection_is_dropped_at_the_handshake_timeout() {
     );
     let _ = raw.writer.shutdown().await;
 }
+
+/// Behind a balancer that speaks the PROXY protocol, its header comes
+/// before the TLS handshake and names the client; a TLS client that sends
+/// no header is refused as one without a header.
+#[tokio::test]
+async fn a_proxy_header_comes_before_the_tls_handshake() {
+    use proxy_header::{ProxiedAddress, ProxyHeader};
+    let pki = Pki::new("proxy");
+    let (ca, ca_path) = pki.ca("server-ca");
+    let (cert, key) = pki.leaf(&ca, "server", true);
+    let config = tls::server_config(&cert, &key, None).expect("server TLS config");
+    let server = TestServer::start_with(|c| {
+        c.tls = Some(config);
+        c.proxy_protocol = Some(vmm_core::proxy_protocol::ProxyProtocol {
+            trusted: vec!["127.0.0.1".parse().unwrap()],
+        });
+    })
+    .await;
+    let client_config = client_config(&ca_path, None);
+
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut header = Vec::new();
+    let client = "127.10.20.70:7000".parse().unwrap();
+    ProxyHeader::with_address(ProxiedAddress::stream(client, server.addr))
+        .encode_v2(&mut header)
+        .unwrap();
+    stream.write_all(&header).await.unwrap();
+    let mut client =
+        vmm_core::Client::tls_from_stream(stream, Arc::clone(&client_config), "localhost")
+            .await
+            .expect("TLS handshake after the PROXY header");
+    client
+        .register(&registration("behind-lb", 128, Vec::new()))
+        .await
+        .expect("register through the balancer");
+    client
+        .authenticate("behind-lb", &password_for("behind-lb"))
+        .await
+        .expect("authenticate through the balancer");
+    let active = client.list_active().await.expect("list over TLS");
+    let entry = active
+        .iter()
+        .find(|session| session.vm_id.as_deref() == Some("behind-lb"))
+        .expect("the session is listed");
+    assert_eq!(entry.peer, "127.10.20.70:7000");
+
+    let headerless = vmm_core::Client::connect_tls(server.addr, client_config, "localhost").await;
+    assert!(
+        headerless.is_err(),
+        "no reply to a TLS client without a header"
+    );
+    assert_eq!(server.context.metrics.refused_proxy.get(), 1);
+    assert_eq!(server.context.metrics.refused_tls.get(), 0);
+}

@@ -253,6 +253,26 @@ impl Client {
         let name = crate::tls::server_name(server_name)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
         let stream = TcpStream::connect(addr).await?;
+        Client::tls_handshake(stream, config, name).await
+    }
+
+    /// [`Client::connect_tls`] over a TCP connection made by the caller (a
+    /// balancer's, which has sent its PROXY header first, for instance).
+    pub async fn tls_from_stream(
+        stream: TcpStream,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> io::Result<Client> {
+        let name = crate::tls::server_name(server_name)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        Client::tls_handshake(stream, config, name).await
+    }
+
+    async fn tls_handshake(
+        stream: TcpStream,
+        config: Arc<ClientConfig>,
+        name: crate::tls::ServerName<'static>,
+    ) -> io::Result<Client> {
         stream.set_nodelay(true)?;
         let stream = TlsConnector::from(config).connect(name, stream).await?;
         let (reader, writer) = tokio::io::split(stream);

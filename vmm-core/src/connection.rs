@@ -524,6 +524,14 @@ impl Connection {
         self
     }
 
+    /// Input that arrived before the connection was made (read with a PROXY
+    /// header): the client's first request, or its start, answered before
+    /// anything more is read.
+    pub fn with_input(mut self, input: BytesMut) -> Connection {
+        self.buffer = input;
+        self
+    }
+
     /// Makes writing fail with `TimedOut` when the client has not read its
     /// replies for `limit`.
     pub fn with_write_timeout(mut self, limit: Option<Duration>) -> Connection {

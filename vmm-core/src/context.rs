@@ -68,6 +68,12 @@ pub struct Config {
     /// When set, every connection must speak TLS with this configuration
     /// (see [`crate::tls::server_config`]); plaintext ones are closed.
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// When set, every connection must start with a PROXY protocol header
+    /// from a trusted balancer, and the client address in it is the
+    /// connection's peer (see [`crate::proxy_protocol`]); anything else is
+    /// closed without a reply. Read before TLS, within the request timeout
+    /// (10 s without one).
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocol>,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://vmm:vmm@127.0.0.1:5432/vmm";
@@ -99,6 +105,7 @@ impl Default for Config {
             event_retention: Duration::from_secs(24 * 60 * 60),
             tcp_keepalive: Some(Duration::from_secs(30)),
             tls: None,
+            proxy_protocol: None,
         }
     }
 }

@@ -50,6 +50,8 @@
 //!   `/readyz` (`--metrics-listen`).
 //! - [`client`]: a small async [`Client`] with a typed method per command.
 //! - [`tls`]: rustls server and client configurations from PEM files.
+//! - [`proxy_protocol`]: the PROXY protocol header a balancer sends with
+//!   the client's address, and which balancers are trusted to send it.
 //!
 //! Running a server inside your own program:
 //!
@@ -95,6 +97,7 @@ pub mod params;
 pub mod password;
 pub mod presence;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod registry;
 mod retention;
 pub mod secrets;

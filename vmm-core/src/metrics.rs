@@ -74,6 +74,9 @@ pub struct Metrics {
     pub refused_per_ip: IntCounter,
     /// TLS handshakes that failed or did not finish in time.
     pub refused_tls: IntCounter,
+    /// Connections closed for the PROXY protocol: from an untrusted peer,
+    /// or without a valid header in time.
+    pub refused_proxy: IntCounter,
     /// Event lines written to watchers.
     pub events_delivered: IntCounter,
     /// Watchers disconnected for falling behind their events.
@@ -256,8 +259,6 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are distinct");
         }
-        // Created so that it shows, as 0, until PROXY protocol exists.
-        refused.with_label_values(&["proxy"]);
         let names: Vec<&'static str> = commands.commands().map(|command| command.name).collect();
         let series = (0..=names.len())
             .map(|_| CommandSeries::default())
@@ -284,6 +285,7 @@ impl Metrics {
             refused_max_connections: refused.with_label_values(&["max_connections"]),
             refused_per_ip: refused.with_label_values(&["max_connections_per_ip"]),
             refused_tls: refused.with_label_values(&["tls"]),
+            refused_proxy: refused.with_label_values(&["proxy"]),
             events_delivered,
             watchers_lagged: dropped.with_label_values(&["lagged"]),
             watchers_slow: dropped.with_label_values(&["slow"]),

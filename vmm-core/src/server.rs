@@ -6,13 +6,19 @@
 //! Shutdown is a broadcast: the accept loop stops, every connection
 //! finishes the request it is executing (and those it has already received),
 //! and after `shutdown_grace` whatever is left is aborted.
+//!
+//! With the PROXY protocol on ([`crate::proxy_protocol`]), a connection is
+//! placed only once its header is read: the per-address limit and the
+//! session's peer are the client's, from the header, not the balancer's.
 
 use std::future::Future;
-use std::net::IpAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinSet;
@@ -25,6 +31,7 @@ use crate::error::Error;
 use crate::events::Event;
 use crate::metrics::CommandSlot;
 use crate::protocol::{ErrorCode, Reply, Request};
+use crate::proxy_protocol::{self, Arrival, Rewound};
 use crate::registry::{HandlerFuture, Registry};
 use crate::session::{Lagged, Session};
 use crate::store::SetupError;
@@ -44,7 +51,10 @@ pub async fn serve(
     let max_connections = descriptors::fit_connections(&context.config);
     let limit = Arc::new(Semaphore::new(max_connections));
     let refusals = Refusals::new(Arc::clone(&context));
-    let mut repeated = Repeated::default();
+    // Shared with the connections' tasks, which refuse too once they have
+    // read a PROXY header; a task that does refuses, then ends, which wakes
+    // this loop up to log what is due.
+    let repeated = Arc::new(Mutex::new(Repeated::default()));
     let (stop, _) = broadcast::channel::<()>(1);
     let mut tasks = JoinSet::new();
     let per_ip = Arc::new(PerIp::default());
@@ -59,16 +69,16 @@ pub async fn serve(
     tokio::pin!(shutdown);
 
     loop {
-        let log_due = repeated.due();
+        let log_due = lock(&repeated).due();
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            () = sleep_until(log_due), if log_due.is_some() => repeated.flush(),
+            () = sleep_until(log_due), if log_due.is_some() => lock(&repeated).flush(),
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(err) if descriptors::exhausted(&err) => {
-                        repeated.exhausted();
+                        lock(&repeated).exhausted();
                         if !refuse_with_spare(&listener, &mut spare).await {
                             // No descriptor to be had at all: wait for one
                             // to be closed rather than spin.
@@ -77,7 +87,7 @@ pub async fn serve(
                         continue;
                     }
                     Err(err) if descriptors::out_of_memory(&err) => {
-                        repeated.starved();
+                        lock(&repeated).starved();
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
@@ -89,30 +99,64 @@ pub async fn serve(
                     }
                 };
                 configure(&stream, context.config.tcp_keepalive);
-                let Some(from_ip) = per_ip.enter(peer.ip(), context.config.max_connections_per_ip) else {
-                    repeated.crowded();
-                    context.metrics.refused_per_ip.inc();
-                    refusals.refuse(&mut tasks, stream, peer, "too many connections from your address; try again later");
-                    continue;
+                let proxied = context.config.proxy_protocol.as_ref();
+                let from_ip = match proxied {
+                    // The address that counts is in the header, not read yet.
+                    Some(proxy) if proxy.trusts(peer.ip()) => None,
+                    Some(_) => {
+                        // Dropped: closed without a reply.
+                        tracing::debug!(%peer, "not a trusted balancer (--proxy-protocol-from), closing");
+                        context.metrics.refused_proxy.inc();
+                        lock(&repeated).proxy();
+                        continue;
+                    }
+                    None => match per_ip.enter(peer.ip(), context.config.max_connections_per_ip) {
+                        Some(from_ip) => Some(from_ip),
+                        None => {
+                            lock(&repeated).crowded();
+                            context.metrics.refused_per_ip.inc();
+                            refusals.refuse(&mut tasks, stream, peer, CROWDED);
+                            continue;
+                        }
+                    },
                 };
                 match Arc::clone(&limit).try_acquire_owned() {
                     Ok(permit) => {
-                        // Mutable, and used in place by the task: moved into a
-                        // binding of its own there, each would take its room
-                        // in the task twice.
-                        let mut session = context.sessions.open(peer);
-                        let span = tracing::info_span!("conn", session = session.id(), %peer);
+                        let span = tracing::info_span!(
+                            "conn",
+                            via = tracing::field::Empty,
+                            peer = tracing::field::Empty,
+                            session = tracing::field::Empty,
+                        );
+                        match proxied {
+                            Some(_) => span.record("via", tracing::field::display(peer)),
+                            None => span.record("peer", tracing::field::display(peer)),
+                        };
+                        // Boxed: the task keeps what it captures for its
+                        // whole life, and this is needed only until the
+                        // connection is placed.
+                        let accepted = Box::new(Accepted {
+                            stream,
+                            peer,
+                            from_ip,
+                            per_ip: Arc::clone(&per_ip),
+                            repeated: Arc::clone(&repeated),
+                        });
                         let context = Arc::clone(&context);
                         let mut stop = stop.subscribe();
                         tasks.spawn(
                             async move {
                                 let _connected = crate::metrics::Connected::new(&context.metrics);
-                                // Boxed: a TLS handshake's state is large, and
-                                // would otherwise be part of every connection's
-                                // task for its whole life.
-                                if let Some(mut conn) = Box::pin(open(stream, &context)).await {
-                                    run(&mut conn, &context, registry, &mut session, &mut stop).await;
-                                }
+                                // Boxed: none of its state (a TLS handshake's
+                                // is large) is needed once the connection
+                                // runs. And not given a name: the task would
+                                // keep its room beside the parts taken out.
+                                let Some((mut conn, mut session, from_ip)) =
+                                    Box::pin(begin(accepted, &context)).await
+                                else {
+                                    return;
+                                };
+                                run(&mut conn, &context, registry, &mut session, &mut stop).await;
                                 finish(&context, session);
                                 drop((permit, from_ip));
                             }
@@ -120,7 +164,7 @@ pub async fn serve(
                         );
                     }
                     Err(_) => {
-                        repeated.busy();
+                        lock(&repeated).busy();
                         context.metrics.refused_max_connections.inc();
                         refusals.refuse(&mut tasks, stream, peer, BUSY);
                     }
@@ -160,6 +204,133 @@ pub async fn serve(
 }
 
 const BUSY: &str = "the server has too many connections; try again later";
+const CROWDED: &str = "too many connections from your address; try again later";
+
+fn lock(repeated: &Mutex<Repeated>) -> MutexGuard<'_, Repeated> {
+    repeated
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A connection accepted, not placed yet: with the PROXY protocol on, its
+/// header is still to be read, and its place under the per-address limit
+/// taken.
+struct Accepted {
+    stream: TcpStream,
+    /// The direct peer.
+    peer: SocketAddr,
+    /// Its place, when the direct peer is the client.
+    from_ip: Option<FromIp>,
+    per_ip: Arc<PerIp>,
+    repeated: Arc<Mutex<Repeated>>,
+}
+
+/// A connection placed: its client's address, and its place under the
+/// per-address limit.
+struct Placed {
+    stream: TcpStream,
+    arrival: Arrival,
+    from_ip: FromIp,
+}
+
+/// Places the connection: at once without the PROXY protocol, once its
+/// header is read with it. `None`: refused, and closed.
+async fn place(accepted: Box<Accepted>, context: &Context) -> Option<Placed> {
+    let Accepted {
+        stream,
+        peer,
+        from_ip,
+        per_ip,
+        repeated,
+    } = *accepted;
+    match from_ip {
+        Some(from_ip) => Some(Placed {
+            stream,
+            arrival: Arrival::direct(peer),
+            from_ip,
+        }),
+        None => through_balancer(stream, peer, context, &per_ip, &repeated).await,
+    }
+}
+
+/// Places the connection (with the PROXY protocol, once its header is
+/// read), opens its session, and makes its connection (with TLS, once the
+/// handshake is done). `None`: refused, or the handshake failed; closed.
+async fn begin(
+    accepted: Box<Accepted>,
+    context: &Context,
+) -> Option<(Connection, Session, FromIp)> {
+    let Placed {
+        stream,
+        arrival,
+        from_ip,
+    } = place(accepted, context).await?;
+    let session = context.sessions.open(arrival.peer);
+    name_span(context, &arrival, &session);
+    match open(stream, arrival.early, context).await {
+        Some(conn) => Some((conn, session, from_ip)),
+        None => {
+            finish(context, session);
+            None
+        }
+    }
+}
+
+/// Completes the connection's span: its session, and with the PROXY
+/// protocol on its peer, the header's, known only now. (A function, so that
+/// the span's handle is not kept in every connection's task.)
+fn name_span(context: &Context, arrival: &Arrival, session: &Session) {
+    let span = tracing::Span::current();
+    if context.config.proxy_protocol.is_some() {
+        span.record("peer", tracing::field::display(arrival.peer));
+    }
+    span.record("session", session.id());
+}
+
+/// With the PROXY protocol on: reads the connection's header, within the
+/// request timeout (10 s without one), as a TLS handshake is, and places
+/// the client it names under the per-address limit. `None`: refused, and
+/// closed, without a reply when the header was at fault.
+async fn through_balancer(
+    mut stream: TcpStream,
+    direct: SocketAddr,
+    context: &Context,
+    per_ip: &Arc<PerIp>,
+    repeated: &Mutex<Repeated>,
+) -> Option<Placed> {
+    let limit = context
+        .config
+        .request_timeout
+        .unwrap_or(Duration::from_secs(10));
+    let header = proxy_protocol::read_header(&mut stream, direct);
+    let why = match tokio::time::timeout(limit, header).await {
+        Ok(Ok(arrival)) => {
+            if !arrival.proxied {
+                tracing::debug!(
+                    "the PROXY header names no client (LOCAL or UNKNOWN): the balancer's own"
+                );
+            }
+            let max = context.config.max_connections_per_ip;
+            if let Some(from_ip) = per_ip.enter(arrival.peer.ip(), max) {
+                return Some(Placed {
+                    stream,
+                    arrival,
+                    from_ip,
+                });
+            }
+            lock(repeated).crowded();
+            context.metrics.refused_per_ip.inc();
+            answer_refusal(stream, arrival.peer, context, CROWDED).await;
+            return None;
+        }
+        Ok(Err(refusal)) => refusal.to_string(),
+        Err(_) => format!("no PROXY header within {} s", limit.as_secs_f64()),
+    };
+    tracing::debug!("{why}, closing without a reply");
+    context.metrics.refused_proxy.inc();
+    lock(repeated).proxy();
+    None
+}
 
 /// Conditions of the accept loop that come in floods, each logged at most
 /// once a second with the count since its last line.
@@ -169,6 +340,7 @@ struct Repeated {
     starved: Throttle,
     busy: Throttle,
     crowded: Throttle,
+    proxy: Throttle,
 }
 
 impl Repeated {
@@ -196,6 +368,12 @@ impl Repeated {
         }
     }
 
+    fn proxy(&mut self) {
+        if let Some(count) = self.proxy.hit(Instant::now()) {
+            Self::log_proxy(count);
+        }
+    }
+
     /// When counts not logged yet are due.
     fn due(&self) -> Option<Instant> {
         [
@@ -203,6 +381,7 @@ impl Repeated {
             self.starved.due(),
             self.busy.due(),
             self.crowded.due(),
+            self.proxy.due(),
         ]
         .into_iter()
         .flatten()
@@ -223,6 +402,9 @@ impl Repeated {
         }
         if let Some(count) = self.crowded.flush(now) {
             Self::log_crowded(count);
+        }
+        if let Some(count) = self.proxy.flush(now) {
+            Self::log_proxy(count);
         }
     }
 
@@ -247,6 +429,15 @@ impl Repeated {
             count,
             "too many connections from one address (--max-connections-per-ip), refusing \
              (count: since the last such line; the audit trail names the addresses)"
+        );
+    }
+
+    fn log_proxy(count: u64) {
+        tracing::info!(
+            count,
+            "closed connections without a reply for the PROXY protocol: from a peer outside \
+             --proxy-protocol-from, or without a valid header in time (count: since the last \
+             such line; each is logged at debug)"
         );
     }
 
@@ -314,7 +505,7 @@ impl Refusals {
         &self,
         tasks: &mut JoinSet<()>,
         stream: TcpStream,
-        peer: std::net::SocketAddr,
+        peer: SocketAddr,
         why: &'static str,
     ) {
         match Arc::clone(&self.slots).try_acquire_owned() {
@@ -392,11 +583,17 @@ fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
 /// [`Refusals`]' slots until done.
 async fn refuse(
     stream: TcpStream,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
     context: Arc<Context>,
     why: &'static str,
     slot: OwnedSemaphorePermit,
 ) {
+    answer_refusal(stream, peer, &context, why).await;
+    drop(slot);
+}
+
+/// Answers `server_busy`, closes, and records the refusal.
+async fn answer_refusal(stream: TcpStream, peer: SocketAddr, context: &Context, why: &'static str) {
     let reply = Reply::error(ErrorCode::ServerBusy, why);
     Connection::new(stream, context.config.max_request_bytes)
         .close_with(&reply)
@@ -404,38 +601,51 @@ async fn refuse(
     context
         .audit_peer(&peer.to_string(), None, "connect", "refused", why)
         .await;
-    drop(slot);
 }
 
 /// The connection over `stream`: plain TCP, or with `config.tls` set TLS
-/// once the handshake is done. A handshake that fails (a plaintext client)
-/// or takes longer than the request timeout (10 s without one) gives `None`.
-async fn open(stream: TcpStream, context: &Context) -> Option<Connection> {
+/// once the handshake is done. `early` is what was read with a PROXY
+/// header: the start of the first request, or of the TLS handshake.
+async fn open(stream: TcpStream, early: BytesMut, context: &Context) -> Option<Connection> {
     let config = &context.config;
     let conn = match &config.tls {
-        None => Connection::new(stream, config.max_request_bytes),
-        Some(tls) => {
-            let limit = config.request_timeout.unwrap_or(Duration::from_secs(10));
-            let accept = tokio_rustls::TlsAcceptor::from(Arc::clone(tls)).accept(stream);
-            match tokio::time::timeout(limit, accept).await {
-                Ok(Ok(stream)) => Connection::tls(stream, config.max_request_bytes),
-                Ok(Err(err)) => {
-                    tracing::info!(error = %err, "TLS handshake failed, closing");
-                    context.metrics.refused_tls.inc();
-                    return None;
-                }
-                Err(_) => {
-                    context.metrics.refused_tls.inc();
-                    tracing::info!("no TLS handshake within {}s, closing", limit.as_secs());
-                    return None;
-                }
-            }
-        }
+        None => Connection::new(stream, config.max_request_bytes).with_input(early),
+        Some(tls) if early.is_empty() => handshake(stream, tls, context).await?,
+        Some(tls) => handshake(Rewound::new(early, stream), tls, context).await?,
     };
     Some(
         conn.with_request_timeout(config.request_timeout)
             .with_write_timeout(Some(config.write_timeout)),
     )
+}
+
+/// The TLS connection over `stream`. A handshake that fails (a plaintext
+/// client) or takes longer than the request timeout (10 s without one)
+/// gives `None`.
+async fn handshake<S>(
+    stream: S,
+    tls: &Arc<tokio_rustls::rustls::ServerConfig>,
+    context: &Context,
+) -> Option<Connection>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = &context.config;
+    let limit = config.request_timeout.unwrap_or(Duration::from_secs(10));
+    let accept = tokio_rustls::TlsAcceptor::from(Arc::clone(tls)).accept(stream);
+    match tokio::time::timeout(limit, accept).await {
+        Ok(Ok(stream)) => Some(Connection::tls(stream, config.max_request_bytes)),
+        Ok(Err(err)) => {
+            tracing::info!(error = %err, "TLS handshake failed, closing");
+            context.metrics.refused_tls.inc();
+            None
+        }
+        Err(_) => {
+            context.metrics.refused_tls.inc();
+            tracing::info!("no TLS handshake within {}s, closing", limit.as_secs());
+            None
+        }
+    }
 }
 
 /// What woke a waiting connection up.

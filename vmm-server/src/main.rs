@@ -119,6 +119,26 @@ struct Args {
     #[arg(long, env = "VMM_TLS_CLIENT_CA", value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
     tls_client_ca: Option<std::path::PathBuf>,
 
+    /// Every connection starts with a PROXY protocol header (v2 or v1) from
+    /// a balancer (HAProxy's `send-proxy-v2`), and the client address in it
+    /// is the connection's peer: in the lists, the audit trail, login
+    /// throttling and --max-connections-per-ip. A connection without a valid
+    /// header is closed without a reply. Needs --proxy-protocol-from.
+    #[arg(long, env = "VMM_PROXY_PROTOCOL", value_parser = clap::builder::BoolishValueParser::new())]
+    proxy_protocol: bool,
+
+    /// The balancers that may send PROXY headers, as address blocks or
+    /// addresses, comma-separated (`172.16.0.0/12,10.0.0.5,fd00::/8`): a
+    /// connection from any other peer is closed, since its header could
+    /// name any address.
+    #[arg(
+        long,
+        env = "VMM_PROXY_PROTOCOL_FROM",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    proxy_protocol_from: Vec<String>,
+
     /// Serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and
     /// readiness (`/readyz`) over HTTP on this HOST:PORT [default: off].
     #[arg(long, env = "VMM_METRICS_LISTEN", value_parser = listen_address)]
@@ -147,6 +167,7 @@ async fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+    let proxy_protocol = proxy_protocol(&args);
     // Before anything is opened: every connection is a descriptor, and
     // `serve` fits --max-connections under the soft limit it finds.
     match vmm_core::descriptors::raise_limit() {
@@ -215,7 +236,18 @@ async fn main() -> ExitCode {
             None
         }
     };
-    let config = vmm_core::Config { tls, ..config };
+    if let Some(proxy) = &proxy_protocol {
+        let trusted: Vec<String> = proxy.trusted.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            from = trusted.join(","),
+            "PROXY protocol on: every connection must start with a header from these peers"
+        );
+    }
+    let config = vmm_core::Config {
+        tls,
+        proxy_protocol,
+        ..config
+    };
     match run(args.listen, args.metrics_listen, args.instance_name, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -270,6 +302,47 @@ async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The PROXY protocol's settings, or a usage error. There is no default
+/// for the trusted peers: any default (private ranges, say) would include
+/// the VMs themselves on many networks, and a VM that reaches the server
+/// around the balancer could then name any address. The trusted peers
+/// without the protocol are only a warning, so that a deployment can keep
+/// them in its settings and switch the protocol alone.
+fn proxy_protocol(args: &Args) -> Option<vmm_core::proxy_protocol::ProxyProtocol> {
+    use clap::CommandFactory;
+    let usage = |kind, message: &str| -> ! { Args::command().error(kind, message).exit() };
+    // Empty entries are none, so that an empty VMM_PROXY_PROTOCOL_FROM
+    // (`${VAR:-}` in a compose file) is the flag not given.
+    let trusted = args
+        .proxy_protocol_from
+        .iter()
+        .filter(|entry| !entry.trim().is_empty())
+        .map(|entry| entry.parse::<vmm_core::proxy_protocol::Cidr>())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|err| {
+            usage(
+                clap::error::ErrorKind::ValueValidation,
+                &format!("invalid value for --proxy-protocol-from: {err}"),
+            )
+        });
+    match (args.proxy_protocol, trusted.is_empty()) {
+        (false, true) => None,
+        (true, false) => Some(vmm_core::proxy_protocol::ProxyProtocol { trusted }),
+        (true, true) => usage(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "--proxy-protocol needs --proxy-protocol-from (VMM_PROXY_PROTOCOL_FROM): the \
+             addresses of the balancers, such as 172.16.0.0/12 for a Docker network",
+        ),
+        (false, false) => {
+            tracing::warn!(
+                "--proxy-protocol-from is ignored: the PROXY protocol is off \
+                 (--proxy-protocol, VMM_PROXY_PROTOCOL=true turns it on)"
+            );
+            None
+        }
+    }
 }
 
 /// HOST:PORT with a port that is a number: a name is resolved when the
