@@ -620,7 +620,12 @@ impl Shell {
                 self.watching = false;
             }
             Action::Watch => {
-                self.conn.run(&Op::Watch(topics(&args))).await?;
+                self.conn
+                    .run(&Op::Watch {
+                        topics: topics(&args),
+                        since: None,
+                    })
+                    .await?;
                 self.watching = true;
             }
             Action::Unwatch => {
