@@ -112,9 +112,14 @@ pub async fn run(
         file.record(seq)?;
     }
     let ended = follow(&mut conn, keepalive, &mut signals, resume.as_mut()).await;
-    // Whatever ended it, what was printed is recorded durably.
-    let synced = resume.as_mut().map_or(Ok(()), ResumeFile::sync);
-    ended.and(synced)
+    // Whatever ended it (a signal may have come between printing the events
+    // a ping brought and recording them), what was printed is recorded, and
+    // on disk.
+    let Some(file) = &mut resume else {
+        return ended;
+    };
+    let recorded = conn.last_seq().map_or(Ok(()), |seq| file.record(seq));
+    ended.and(recorded).and(file.sync())
 }
 
 /// Prints events until a signal (`Ok`) or a failure, recording each one's

@@ -853,3 +853,35 @@ async fn the_resume_file_is_never_ahead_of_what_was_printed() {
     assert!(shown - rams.len() <= 1, "{} repeated", shown - rams.len());
     let _ = std::fs::remove_dir_all(path.parent().expect("the test's directory"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_watches_since_a_seq() {
+    let server = server_with_watcher(|_| {}).await;
+    let mut mover = server.session_as("mover").await;
+    set_ram(&mut mover, 77).await;
+    let mut shell = Running::start(
+        &server.addr.to_string(),
+        &["--json", "--keepalive", "0"],
+        None,
+        true,
+    );
+    let password = password_for("watcher");
+    shell
+        .write(&format!(
+            "authenticate watcher\n{password}\nwatch vms since 0\n"
+        ))
+        .await;
+    // Made before the watch: it comes from the log.
+    shell
+        .line_where("the earlier update", |line| {
+            updates_of(&[line.to_owned()], "mover")
+                .iter()
+                .any(|(_, ram)| *ram == 77)
+        })
+        .await;
+    shell.write("quit\n").await;
+    let (code, lines) = shell.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    let reply = watch_reply(&lines).expect("the watch reply");
+    assert_eq!(reply["data"]["seq"], 0);
+}
