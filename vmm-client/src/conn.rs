@@ -216,6 +216,11 @@ impl Conn {
         }
     }
 
+    /// The `seq` of the last event printed that had one.
+    pub fn last_seq(&self) -> Option<i64> {
+        self.events.last_seq()
+    }
+
     /// When the connection will have been idle (sent nothing) for `idle`.
     pub fn idle_until(&self, idle: Duration) -> Instant {
         self.last_sent + idle
@@ -325,7 +330,20 @@ impl Conn {
         Failure::Connection(format!("unexpected reply from {}: {what}", self.addr))
     }
 
+    /// Like [`Conn::run`], but an error reply is handed back as `Err`
+    /// (after its raw line was printed, with `--json`) for the caller to
+    /// explain with what its `data` holds.
+    pub async fn try_run(&mut self, op: &Op) -> Result<Result<Reply, Reply>, Failure> {
+        self.try_exchange(op, Step::Command).await
+    }
+
     async fn exchange(&mut self, op: &Op, step: Step) -> Result<Reply, Failure> {
+        self.try_exchange(op, step)
+            .await?
+            .map_err(|refusal| Failure::from_reply(&refusal))
+    }
+
+    async fn try_exchange(&mut self, op: &Op, step: Step) -> Result<Result<Reply, Reply>, Failure> {
         let (line, reply) = self.fetch(op).await?;
         let success = reply.is_success();
         if self.json && (step == Step::Command || !success) {
@@ -333,13 +351,13 @@ impl Conn {
             out::line(&line);
         }
         if !success {
-            return Err(Failure::from_reply(&reply));
+            return Ok(Err(reply));
         }
         if step == Step::Command && !self.json {
             let text = render::reply(op, &reply).map_err(|what| self.nonsense(what))?;
             out::line(&text);
         }
-        Ok(reply)
+        Ok(Ok(reply))
     }
 
     /// Sends `text` exactly as given and prints every reply line verbatim

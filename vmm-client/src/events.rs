@@ -28,6 +28,9 @@ pub struct EventPrinter {
     /// In the interactive shell on a terminal: prints above the line being
     /// edited and redraws the prompt, instead of writing into it.
     terminal: Option<Printer>,
+    /// The `seq` of the last event printed that had one: where a watch
+    /// resumes without losing or repeating what was shown.
+    last_seq: Option<i64>,
 }
 
 impl fmt::Debug for EventPrinter {
@@ -35,6 +38,7 @@ impl fmt::Debug for EventPrinter {
         f.debug_struct("EventPrinter")
             .field("json", &self.json)
             .field("terminal", &self.terminal.is_some())
+            .field("last_seq", &self.last_seq)
             .finish()
     }
 }
@@ -44,7 +48,13 @@ impl EventPrinter {
         EventPrinter {
             json,
             terminal: None,
+            last_seq: None,
         }
+    }
+
+    /// The `seq` of the last event printed (and flushed) that had one.
+    pub fn last_seq(&self) -> Option<i64> {
+        self.last_seq
     }
 
     /// Prints through the line editor's printer from now on.
@@ -59,15 +69,30 @@ impl EventPrinter {
         } else {
             human(line)
         };
-        if let Some(terminal) = &mut self.terminal {
-            if terminal.print(format!("{text}\n")).is_ok() {
-                return;
-            }
+        let printed = match &mut self.terminal {
+            Some(terminal) => terminal.print(format!("{text}\n")).is_ok(),
+            None => false,
+        };
+        if !printed {
             // The terminal is gone or was never usable: print plainly.
             self.terminal = None;
+            out::line(text);
         }
-        out::line(text);
+        // Only now: a resume file written from it must never name an event
+        // that was not shown yet.
+        if let Some(seq) = seq_of(line) {
+            self.last_seq = Some(seq);
+        }
     }
+}
+
+/// The `seq` an event line carries, if any.
+pub fn seq_of(line: &str) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct Numbered {
+        seq: Option<i64>,
+    }
+    serde_json::from_str::<Numbered>(line).ok()?.seq
 }
 
 #[derive(Deserialize)]
@@ -241,6 +266,17 @@ mod tests {
         assert_eq!(human(line), r#"- vm_updated {"vm":"?"}"#);
         assert_eq!(human(r#"{"event":"x"}"#), "- x");
         assert_eq!(human("not json\u{1b}[2J"), "not json\\u{1b}[2J");
+    }
+
+    #[test]
+    fn the_seq_is_read_from_any_event_line() {
+        assert_eq!(
+            seq_of(r#"{"event":"x","data":{"seq":1},"seq":42}"#),
+            Some(42)
+        );
+        assert_eq!(seq_of(r#"{"event":"x"}"#), None);
+        assert_eq!(seq_of(r#"{"event":"x","seq":"7"}"#), None);
+        assert_eq!(seq_of("not json"), None);
     }
 
     #[test]

@@ -77,7 +77,11 @@ pub async fn run(
         rows: Vec::new(),
     };
     let start = async {
-        conn.prepare(&Op::Watch(topics(kind))).await?;
+        conn.prepare(&Op::Watch {
+            topics: topics(kind),
+            since: None,
+        })
+        .await?;
         read(&mut conn, kind).await
     };
     let rows = tokio::select! {

@@ -13,7 +13,8 @@
 //! parses the arguments; they need no server.
 //!
 //! `vmm-client watch` authenticates, sends `watch`, and then prints change
-//! events as they arrive until SIGINT or SIGTERM.
+//! events as they arrive until SIGINT or SIGTERM; `--since` and
+//! `--resume-file` resume after an event seen before.
 //!
 //! `vmm-client top --admin` shows every server instance's figures (the
 //! `stats` command), refreshed every second, and the latest events: a live
@@ -28,7 +29,8 @@
 //! scripts and the man page; `agent` is the agent, `shell` the interactive
 //! shell, `watch` the one-shot `watch`, `list_watch` `list --watch` and
 //! `top` the fleet's live view; `pages` lists a page at a time; `conn` runs requests over one connection; `input` is the shell's blocking input
-//! thread; `events` prints change events and `render` draws replies as
+//! thread; `resume` keeps `watch --resume-file`'s file; `events` prints
+//! change events and `render` draws replies as
 //! tables; `password` finds a one-shot command's password and `secrets` the
 //! operator token and the enrollment secret. At the bottom, depending on
 //! nothing in the crate: `op` (what a request carries, and its wire text),
@@ -49,6 +51,7 @@ mod out;
 mod pages;
 mod password;
 mod render;
+mod resume;
 mod secrets;
 mod shell;
 mod signals;
@@ -94,7 +97,9 @@ off by default, or a load balancer's) does not close it.
 `watch` prints change events (VMs registered and updated, connections
 opened, authenticated, logged out and closed, instances lost) one line each
 as they happen, until SIGINT or SIGTERM (exit 0) or a lost connection
-(exit 3); it pings like the shell. In the shell, `watch` and `unwatch` turn
+(exit 3); it pings like the shell. --since SEQ starts after an event seen
+before, and --resume-file PATH keeps the last one printed, so that a
+restarted watcher misses nothing. In the shell, `watch` and `unwatch` turn
 the same events on and off between commands.
 
 `top --admin` shows every server instance (connections, sessions, database
@@ -124,6 +129,7 @@ Examples:
   vmm-client send '{\"command\": \"ping\", \"id\": 1}'
   vmm-client commands
   VMM_PASSWORD=securePass123 vmm-client watch --vm-id stalin --topics vms,sessions
+  VMM_ADMIN_TOKEN=... vmm-client --json watch --admin --resume-file /var/lib/vmm-watch.seq
   VMM_ADMIN_TOKEN=... vmm-client top --admin
   vmm-client --addr 10.0.0.5 --keepalive 10
   printf 'authenticate stalin\\nsecurePass123\\nlist_all\\n' | vmm-client
@@ -397,6 +403,19 @@ enum ClientCommand {
         /// Only these topics, comma-separated (default: all of them).
         #[arg(long, value_enum, value_delimiter = ',', value_name = "TOPIC,...")]
         topics: Vec<Topic>,
+
+        /// Start after the event SEQ (a `seq` from an event line or a watch
+        /// reply, or a resume file): the events after it that the server
+        /// still keeps come first, then live ones. Wins over
+        /// --resume-file's seq.
+        #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(i64).range(0..))]
+        since: Option<i64>,
+
+        /// Keep the seq of the last event printed in PATH, and start after
+        /// the one it holds: a restarted watcher misses nothing. Created if
+        /// missing (its directory must exist).
+        #[arg(long, value_name = "PATH")]
+        resume_file: Option<PathBuf>,
     },
 
     /// Read the audit trail, newest first (needs --admin).
@@ -501,9 +520,33 @@ Topics: vms (vm_registered, vm_updated), disks (the same events, which carry
 the disks), sessions (session_opened, session_authenticated,
 session_logged_out, session_closed, instance_lost).
 
-Exits 0 on SIGINT or SIGTERM, 1 when authentication or `watch` is refused,
-3 when the connection is lost (also when the server disconnects a watcher
-that falls too far behind).";
+Every event has a seq (in its --json line), increasing in the order the
+changes were made, over every instance. --since SEQ starts after that event:
+the events after it that the server still keeps (--event-retention, 24 h by
+default) come first, in order, then live ones, none twice. --resume-file
+PATH makes a restarted watcher lossless: it starts after the seq in PATH (if
+the file exists), and writes there the seq of each event once it has been
+printed (and the watch reply's seq, where a watch with no event yet
+resumes), by renaming a temporary file over it. The file is synced to disk
+at most a second after a write, and on exit: after a crash the watcher may
+print again the last events before it, but never skips one. With both,
+--since says where to start and the file is still kept. A lost connection
+ends the run (exit 3) rather than reconnecting: run the watcher under a
+supervisor that restarts it, with --resume-file; in sh, restarting it only
+after a lost connection:
+
+  while vmm-client --json watch --admin --resume-file w.seq >> events.log
+        [ $? -eq 3 ]; do sleep 1; done
+
+A seq the server no longer keeps (or never issued) is refused with `gone`
+(exit 1), naming the oldest and the latest seq it has: nothing is skipped
+silently. Remove the resume file (or pass a --since it keeps) to start over,
+and list to see the current state.
+
+Exits 0 on SIGINT or SIGTERM, 1 when authentication or `watch` is refused
+(`gone` too), 2 when the resume file cannot be read or written, 3 when the
+connection is lost (also when the server disconnects a watcher that falls
+too far behind).";
 
 const TOP_ABOUT: &str = "\
 A live view of every server instance, the busiest commands and the latest
@@ -756,7 +799,12 @@ async fn one_shot(
             authenticated(addr, json, login, Op::Update(update)).await
         }
         ClientCommand::Logout { login } => authenticated(addr, json, login, Op::Logout).await,
-        ClientCommand::Watch { login, topics } => {
+        ClientCommand::Watch {
+            login,
+            topics,
+            since,
+            resume_file,
+        } => {
             let who = if admin {
                 watch::Who::Operator {
                     admin_token: secrets::admin_token()?,
@@ -771,6 +819,8 @@ async fn one_shot(
             let watch = watch::Watch {
                 who,
                 topics: topics.iter().map(|topic| topic.name().to_owned()).collect(),
+                since,
+                resume_file,
             };
             watch::run(addr, json, keepalive, watch).await
         }

@@ -26,8 +26,12 @@ pub enum Op {
     },
     Update(Update),
     Logout,
-    /// `watch` with these topics; none: every topic.
-    Watch(Vec<String>),
+    /// `watch` with these topics (none: every topic), from the events
+    /// after `since` (none: from now on).
+    Watch {
+        topics: Vec<String>,
+        since: Option<i64>,
+    },
     Unwatch,
     Help,
     /// Open an operator session with the admin token.
@@ -56,7 +60,7 @@ impl Op {
             Op::List { .. } => "list",
             Op::Update(_) => "update",
             Op::Logout => "logout",
-            Op::Watch(_) => "watch",
+            Op::Watch { .. } => "watch",
             Op::Unwatch => "unwatch",
             Op::Help => "help",
             Op::Operator { .. } => "authenticate",
@@ -69,8 +73,16 @@ impl Op {
     fn data(&self) -> Value {
         match self {
             Op::Ping | Op::Logout | Op::Unwatch | Op::Help | Op::Stats => json!({}),
-            Op::Watch(topics) if topics.is_empty() => json!({}),
-            Op::Watch(topics) => json!({"topics": topics}),
+            Op::Watch { topics, since } => {
+                let mut data = serde_json::Map::new();
+                if !topics.is_empty() {
+                    data.insert("topics".into(), json!(topics));
+                }
+                if let Some(since) = since {
+                    data.insert("since".into(), json!(since));
+                }
+                Value::Object(data)
+            }
             Op::Register(registration) => registration.to_data(),
             Op::Authenticate { vm_id, password } => {
                 json!({"vm_id": vm_id, "password": password})
@@ -134,5 +146,17 @@ mod tests {
             r#"{"command":"list","data":{"list_type":"all_vms","limit":2,"after":"YWxsX3Ztczpi"}}"#
         );
         assert_eq!(Op::Ping.to_text(), r#"{"command":"ping","data":{}}"#);
+        let watch = |topics: &[&str], since| Op::Watch {
+            topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
+            since,
+        };
+        assert_eq!(
+            watch(&[], None).to_text(),
+            r#"{"command":"watch","data":{}}"#
+        );
+        assert_eq!(
+            watch(&["vms"], Some(41)).to_text(),
+            r#"{"command":"watch","data":{"topics":["vms"],"since":41}}"#
+        );
     }
 }

@@ -17,7 +17,7 @@ use crate::text::disks_joined;
 /// the reply did not have the expected shape.
 pub fn reply(op: &Op, reply: &Reply) -> Result<String, String> {
     match op {
-        Op::Ping | Op::Logout | Op::Watch(_) | Op::Unwatch => Ok(reply.message.clone()),
+        Op::Ping | Op::Logout | Op::Watch { .. } | Op::Unwatch => Ok(reply.message.clone()),
         Op::Register(_) | Op::Authenticate { .. } | Op::Update(_) => {
             let vm: VmView = field(reply, "vm")?;
             Ok(format!("{}\n{}", reply.message, vm_table(&vm)))

@@ -28,6 +28,7 @@
 //! shell waits for input (on a terminal, above the prompt, which is then
 //! redrawn), and those that arrive while a command waits for its reply are
 //! printed before what the reply prints. `unwatch` (or `logout`) stops them.
+//! `watch since SEQ` first prints the events after SEQ that the server keeps.
 //!
 //! Lists come a page at a time, so that a long one neither scrolls away nor
 //! arrives in one huge reply: on a terminal a page fills the screen and the
@@ -174,11 +175,13 @@ const COMMANDS: &[Entry] = &[
     },
     Entry {
         names: &["watch"],
-        args: "[TOPIC...]",
+        args: "[TOPIC...] [since SEQ]",
         help: &[
             "print change events as they happen, also",
             "while waiting for input; TOPIC is vms,",
-            "sessions or disks (default: all)",
+            "sessions or disks (default: all); with",
+            "`since SEQ`, first the events after SEQ",
+            "(a `seq` of a --json event line)",
         ],
         action: Action::Watch,
     },
@@ -348,21 +351,32 @@ fn shape(entry: &Entry, args: &[&str]) -> Result<(), String> {
                 ))
             }
         }
-        Action::Watch => {
-            if topics(args)
-                .iter()
-                .all(|topic| TOPICS.contains(&topic.as_str()))
-            {
-                Ok(())
-            } else {
-                Err("the topics are vms, sessions and disks".to_owned())
-            }
-        }
+        Action::Watch => watch_args(args).map(drop),
     }
 }
 
 /// The topics `watch` knows.
 const TOPICS: [&str; 3] = ["vms", "sessions", "disks"];
+
+/// `watch`'s topics and `since`: `watch vms sessions since 41`.
+fn watch_args(args: &[&str]) -> Result<(Vec<String>, Option<i64>), String> {
+    let (args, since) = match args {
+        [topics @ .., "since", seq] => {
+            let seq = seq
+                .parse::<i64>()
+                .ok()
+                .filter(|seq| *seq >= 0)
+                .ok_or_else(|| format!("`since` takes a seq (0 or more), not {seq:?}"))?;
+            (topics, Some(seq))
+        }
+        _ => (args, None),
+    };
+    let topics = topics(args);
+    if !topics.iter().all(|topic| TOPICS.contains(&topic.as_str())) {
+        return Err("the topics are vms, sessions and disks (then `since SEQ`)".to_owned());
+    }
+    Ok((topics, since))
+}
 
 /// `watch vms sessions` and `watch vms,sessions` alike.
 fn topics(args: &[&str]) -> Vec<String> {
@@ -620,7 +634,8 @@ impl Shell {
                 self.watching = false;
             }
             Action::Watch => {
-                self.conn.run(&Op::Watch(topics(&args))).await?;
+                let (topics, since) = watch_args(&args).map_err(usage)?;
+                self.conn.run(&Op::Watch { topics, since }).await?;
                 self.watching = true;
             }
             Action::Unwatch => {
@@ -1065,6 +1080,8 @@ mod tests {
             "update_ram 64",
             "update_ram_cpu_disks - 4 1=150 +50",
             "watch vms,sessions disks",
+            "watch since 41",
+            "watch vms since 0",
             "quit",
         ] {
             assert!(parse(good).is_ok(), "{good}");
@@ -1077,6 +1094,10 @@ mod tests {
             "update_ram lots",
             "update_ram_cpu_disks 1 2 hunter22",
             "watch everything",
+            "watch since",
+            "watch since -1",
+            "watch since 4 vms",
+            "watch vms since soon",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

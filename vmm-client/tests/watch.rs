@@ -1,8 +1,11 @@
 //! `vmm-client watch` and the shell's `watch` against a live server: events
 //! are printed as they happen, in order, in either format; SIGTERM ends the
 //! one-shot command with 0, a lost connection with 3, and keepalive pings
-//! hold an idle watcher's connection open.
+//! hold an idle watcher's connection open. `--resume-file` and `--since`
+//! resume a watcher without losing events, and a `since` the server cannot
+//! serve fails with `gone`.
 
+mod common;
 #[path = "common/pty.rs"]
 mod pty;
 
@@ -92,9 +95,13 @@ impl Running {
     }
 
     fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("vmm-client is running");
         let killed = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .expect("run kill");
         assert!(killed.success());
@@ -484,4 +491,397 @@ async fn list_watch_redraws_the_table_in_place_on_a_terminal_until_ctrl_c() {
     terminal.typing("\x03"); // Ctrl-C
     let status = terminal.exited().await;
     assert!(status.success(), "{status:?}: {}", screen.text());
+}
+
+/// A fresh directory for a test's resume file, and the file's path in it.
+fn resume_path(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-client-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the test's directory");
+    dir.join("watch.seq")
+}
+
+/// The seq in the resume file, if it holds one.
+fn resume_seq(path: &std::path::Path) -> Option<i64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The `vm_updated` events of `vm_id` among JSON `lines`: (seq, ram).
+fn updates_of(lines: &[String], vm_id: &str) -> Vec<(i64, u64)> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["event"] == "vm_updated" && event["data"]["vm"]["vm_id"] == vm_id)
+        .map(|event| {
+            let seq = event["seq"].as_i64().expect("an event's seq");
+            (
+                seq,
+                event["data"]["vm"]["ram"].as_u64().expect("the VM's ram"),
+            )
+        })
+        .collect()
+}
+
+/// The seqs of the events among JSON `lines` (the reply has none).
+fn seqs(lines: &[String]) -> Vec<i64> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line.get("status").is_none())
+        .map(|event| event["seq"].as_i64().expect("an event's seq"))
+        .collect()
+}
+
+/// The watch reply among JSON `lines`, once printed.
+fn watch_reply(lines: &[String]) -> Option<Value> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["status"] == "success" && line["data"]["topics"].is_array())
+}
+
+/// Sets the RAM of the VM `client` is authenticated as.
+async fn set_ram(client: &mut vmm_core::Client, ram: u32) {
+    client
+        .update(&Update {
+            ram: Some(ram),
+            ..Update::default()
+        })
+        .await
+        .expect("update the RAM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_watcher_with_a_resume_file_prints_what_it_missed_then_live_events() {
+    let server = server_with_watcher(|_| {}).await;
+    let beside = server.start_beside(|_| {}).await;
+    let mut mover = beside.session_as("mover").await;
+    let path = resume_path("restart");
+    let file = path.to_str().expect("a UTF-8 path");
+    let args = [
+        "--json",
+        "watch",
+        "--vm-id",
+        "watcher",
+        "--topics",
+        "vms",
+        "--resume-file",
+        file,
+    ];
+    let password = password_for("watcher");
+    let addr = server.addr.to_string();
+
+    let first = Running::start(&addr, &args, Some(&password), false);
+    let reply = eventually("the watch reply", || async { watch_reply(&first.lines()) }).await;
+    let start = reply["data"]["seq"].as_i64().expect("the reply's seq");
+    // A watcher that saw no event resumes from where it started.
+    eventually("the reply's seq in the file", || async {
+        (resume_seq(&path) == Some(start)).then_some(())
+    })
+    .await;
+    set_ram(&mut mover, 100).await;
+    let seen = eventually("the first update", || async {
+        updates_of(&first.lines(), "mover").first().copied()
+    })
+    .await;
+    assert_eq!(seen.1, 100);
+    // Once printed, the event's seq is in the file.
+    eventually("the update's seq in the file", || async {
+        (resume_seq(&path) == Some(seen.0)).then_some(())
+    })
+    .await;
+    first.terminate();
+    let (code, lines) = first.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    assert_eq!(resume_seq(&path), Some(seen.0));
+
+    // Made on the other instance while nobody watches.
+    for ram in [201, 202, 203] {
+        set_ram(&mut mover, ram).await;
+    }
+    let second = Running::start(&addr, &args, Some(&password), false);
+    eventually("the three missed updates", || async {
+        (updates_of(&second.lines(), "mover").len() >= 3).then_some(())
+    })
+    .await;
+    set_ram(&mut mover, 300).await;
+    eventually("the live update", || async {
+        (updates_of(&second.lines(), "mover").len() >= 4).then_some(())
+    })
+    .await;
+    second.terminate();
+    let (code, lines) = second.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    let reply = watch_reply(&lines).expect("the watch reply");
+    assert_eq!(reply["data"]["seq"], seen.0, "it resumed from the file");
+    // Exactly the three it missed, in order, then the live one: no other
+    // event, none twice.
+    let updates = updates_of(&lines, "mover");
+    let rams: Vec<u64> = updates.iter().map(|(_, ram)| *ram).collect();
+    assert_eq!(rams, [201, 202, 203, 300], "stdout:\n{}", lines.join("\n"));
+    let seqs = seqs(&lines);
+    assert_eq!(seqs.len(), 4, "stdout:\n{}", lines.join("\n"));
+    assert!(seqs[0] > seen.0, "{seqs:?} after {}", seen.0);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(resume_seq(&path), seqs.last().copied());
+    let _ = std::fs::remove_dir_all(path.parent().expect("the test's directory"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_prints_the_events_after_that_seq_first() {
+    let server = server_with_watcher(|_| {}).await;
+    let mut mover = server.session_as("mover").await;
+    for ram in [1, 2, 3] {
+        set_ram(&mut mover, ram).await;
+    }
+    // Where to start: the updates' seqs, as a watcher that saw them has.
+    let password = password_for("watcher");
+    let addr = server.addr.to_string();
+    let all = Running::start(
+        &addr,
+        &["--json", "watch", "--vm-id", "watcher", "--since", "0"],
+        Some(&password),
+        false,
+    );
+    let updates = eventually("the three updates from the start of the log", || async {
+        let updates = updates_of(&all.lines(), "mover");
+        (updates.len() >= 3).then_some(updates)
+    })
+    .await;
+    all.terminate();
+    let (code, _) = all.finished().await;
+    assert_eq!(code, Some(0));
+    assert_eq!(updates.iter().map(|u| u.1).collect::<Vec<_>>(), [1, 2, 3]);
+
+    // --since wins over a resume file's seq (one it does not keep, here),
+    // and the file is kept from then on.
+    let since = updates[0].0.to_string();
+    let path = resume_path("since");
+    std::fs::write(&path, "999999\n").expect("write the resume file");
+    let file = path.to_str().expect("a UTF-8 path");
+    let watch = Running::start(
+        &addr,
+        &[
+            "--json",
+            "watch",
+            "--vm-id",
+            "watcher",
+            "--since",
+            &since,
+            "--resume-file",
+            file,
+        ],
+        Some(&password),
+        false,
+    );
+    eventually("the updates after the first", || async {
+        (updates_of(&watch.lines(), "mover").len() >= 2).then_some(())
+    })
+    .await;
+    set_ram(&mut mover, 4).await;
+    eventually("the live update", || async {
+        (updates_of(&watch.lines(), "mover").len() >= 3).then_some(())
+    })
+    .await;
+    watch.terminate();
+    let (code, lines) = watch.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    let reply = watch_reply(&lines).expect("the watch reply");
+    assert_eq!(reply["data"]["seq"], updates[0].0);
+    let rams: Vec<u64> = updates_of(&lines, "mover").iter().map(|u| u.1).collect();
+    assert_eq!(rams, [2, 3, 4], "stdout:\n{}", lines.join("\n"));
+    let seqs = seqs(&lines);
+    assert!(seqs.iter().all(|seq| *seq > updates[0].0), "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(resume_seq(&path), seqs.last().copied());
+    let _ = std::fs::remove_dir_all(path.parent().expect("the test's directory"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_the_server_never_issued_is_gone_and_the_resume_file_is_named() {
+    let server = server_with_watcher(|_| {}).await;
+    let addr = server.addr.to_string();
+    let watch = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmm-client"));
+        command
+            .args(["--addr", &addr])
+            .args(args)
+            .env_remove("VMM_VM_ID")
+            .env("VMM_PASSWORD", password_for("watcher"));
+        common::run(command, None)
+    };
+
+    let run = watch(&["watch", "--vm-id", "watcher", "--since", "999999"]).await;
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    for said in [
+        "never issued seq 999999",
+        "its latest is ",
+        "without --since",
+        "(gone)",
+    ] {
+        assert!(run.stderr.contains(said), "{said:?} not in: {}", run.stderr);
+    }
+    // --json: the error reply is the run's document, with what the server
+    // keeps.
+    let run = watch(&["--json", "watch", "--vm-id", "watcher", "--since", "999999"]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let reply: Value = serde_json::from_str(run.stdout.trim_end()).expect("one JSON line");
+    assert_eq!(reply["code"], "gone");
+    assert!(reply["data"]["latest"].is_i64(), "{reply}");
+
+    // From a resume file: the run fails, names the file, and leaves it.
+    let path = resume_path("gone");
+    std::fs::write(&path, "999999\n").expect("write the resume file");
+    let file = path.to_str().expect("a UTF-8 path");
+    let run = watch(&["watch", "--vm-id", "watcher", "--resume-file", file]).await;
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    for said in [
+        "never issued seq 999999",
+        "remove the resume file",
+        file,
+        "(gone)",
+    ] {
+        assert!(run.stderr.contains(said), "{said:?} not in: {}", run.stderr);
+    }
+    assert_eq!(resume_seq(&path), Some(999999));
+
+    // A file that holds no seq is refused before connecting (usage, 2).
+    std::fs::write(&path, "").expect("empty the resume file");
+    let run = watch(&["watch", "--vm-id", "watcher", "--resume-file", file]).await;
+    assert_eq!(
+        run.code, 2,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(run.stderr.contains(file), "{}", run.stderr);
+    // A seq is 0 or more.
+    let run = watch(&["watch", "--vm-id", "watcher", "--since", "-1"]).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let _ = std::fs::remove_dir_all(path.parent().expect("the test's directory"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resume_file_is_never_ahead_of_what_was_printed() {
+    const UPDATES: u32 = 40;
+    let server = server_with_watcher(|_| {}).await;
+    let mut mover = server.session_as("mover").await;
+    let path = resume_path("killed");
+    let file = path.to_str().expect("a UTF-8 path");
+    let args = [
+        "--json",
+        "watch",
+        "--vm-id",
+        "watcher",
+        "--topics",
+        "vms",
+        "--resume-file",
+        file,
+    ];
+    let password = password_for("watcher");
+    let addr = server.addr.to_string();
+
+    let first = Running::start(&addr, &args, Some(&password), false);
+    eventually("the watch reply", || async { watch_reply(&first.lines()) }).await;
+    let updating = tokio::spawn(async move {
+        for ram in 1..=UPDATES {
+            set_ram(&mut mover, ram).await;
+        }
+        mover
+    });
+    eventually("some updates printed", || async {
+        (updates_of(&first.lines(), "mover").len() >= 5).then_some(())
+    })
+    .await;
+    // Killed mid-stream, with no chance to tidy up.
+    first.signal("-KILL");
+    let (_, killed_lines) = first.finished().await;
+    let printed = seqs(&killed_lines);
+    let recorded = resume_seq(&path).expect("a seq in the resume file");
+    assert!(
+        printed.contains(&recorded),
+        "the file holds {recorded}, not a printed event: {printed:?}"
+    );
+    // At most the event being printed when it was killed is not recorded.
+    let behind = printed.iter().filter(|seq| **seq > recorded).count();
+    assert!(behind <= 1, "{recorded} is {behind} behind {printed:?}");
+
+    let mut mover = updating.await.expect("the updates");
+    let second = Running::start(&addr, &args, Some(&password), false);
+    eventually("the last update", || async {
+        updates_of(&second.lines(), "mover")
+            .iter()
+            .any(|(_, ram)| *ram == u64::from(UPDATES))
+            .then_some(())
+    })
+    .await;
+    set_ram(&mut mover, 1000).await;
+    eventually("the live update", || async {
+        updates_of(&second.lines(), "mover")
+            .iter()
+            .any(|(_, ram)| *ram == 1000)
+            .then_some(())
+    })
+    .await;
+    // Quiet now: once its line is printed, the file names the last event.
+    let last = *seqs(&second.lines()).last().expect("events");
+    eventually("the last seq in the file", || async {
+        (resume_seq(&path) == Some(last)).then_some(())
+    })
+    .await;
+    second.terminate();
+    let (code, lines) = second.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    // Between the two runs every update was printed, at most one twice.
+    let mut rams: Vec<u64> = updates_of(&killed_lines, "mover")
+        .into_iter()
+        .chain(updates_of(&lines, "mover"))
+        .map(|(_, ram)| ram)
+        .collect();
+    let shown = rams.len();
+    rams.dedup();
+    let expected: Vec<u64> = (1..=u64::from(UPDATES)).chain([1000]).collect();
+    assert_eq!(rams, expected);
+    assert!(shown - rams.len() <= 1, "{} repeated", shown - rams.len());
+    let _ = std::fs::remove_dir_all(path.parent().expect("the test's directory"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_watches_since_a_seq() {
+    let server = server_with_watcher(|_| {}).await;
+    let mut mover = server.session_as("mover").await;
+    set_ram(&mut mover, 77).await;
+    let mut shell = Running::start(
+        &server.addr.to_string(),
+        &["--json", "--keepalive", "0"],
+        None,
+        true,
+    );
+    let password = password_for("watcher");
+    shell
+        .write(&format!(
+            "authenticate watcher\n{password}\nwatch vms since 0\n"
+        ))
+        .await;
+    // Made before the watch: it comes from the log.
+    shell
+        .line_where("the earlier update", |line| {
+            updates_of(&[line.to_owned()], "mover")
+                .iter()
+                .any(|(_, ram)| *ram == 77)
+        })
+        .await;
+    shell.write("quit\n").await;
+    let (code, lines) = shell.finished().await;
+    assert_eq!(code, Some(0), "stdout:\n{}", lines.join("\n"));
+    let reply = watch_reply(&lines).expect("the watch reply");
+    assert_eq!(reply["data"]["seq"], 0);
 }

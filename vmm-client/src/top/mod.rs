@@ -64,7 +64,11 @@ pub async fn run(
         conn.hold_events();
         conn.operator(admin_token).await?;
         if live {
-            conn.prepare(&Op::Watch(Vec::new())).await?;
+            conn.prepare(&Op::Watch {
+                topics: Vec::new(),
+                since: None,
+            })
+            .await?;
         }
         let first = stats(&mut conn, json).await?;
         Ok::<_, Failure>((conn, first))
