@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # End-to-end check of docker-compose.yml: builds the image, starts the stack
-# (first the default profile, then the cluster profile), talks to it through
-# every published port, asks each server's /readyz (and /healthz, /metrics)
-# on its metrics port, sees HAProxy take both servers out of the rotation
-# while the database is paused and back after, registers a VM through one
-# server and finds it through the other, restarts the stack to see that the
-# data stayed, and tears it all down (volumes included). Exits 0 when everything worked, else 1 with a
-# message saying which step failed, followed by the containers' recent logs.
+# (first the default profile, then the cluster profile: server-2 and
+# server-3 behind HAProxy, `server` direct), talks to it through every
+# published port, asks each server's /readyz (and /healthz, /metrics) on its
+# metrics port, sees the balanced servers take the client's address from
+# HAProxy's PROXY header (and a connection without one get nothing), sees
+# HAProxy take both servers out of the rotation while the database is
+# paused and back after, registers VMs through each server and finds them
+# through the others, stops each balanced server in turn, restarts the stack
+# to see that the data stayed, and tears it all down (volumes included).
+# Exits 0 when everything worked, else 1 with a message saying which step
+# failed, followed by the containers' recent logs.
 #
 # Usage: deploy/smoke.sh
 #   COMPOSE=/usr/bin/docker-compose  the compose command (default; v1), or
@@ -22,6 +26,12 @@
 # Needs python3 on this machine (to speak the protocol to the published
 # ports); inside the containers it uses the image's own vmm-client, and
 # bash's /dev/tcp for HTTP (the images have no curl, and need none).
+#
+# server-2 and server-3 take only connections from HAProxy that start with
+# its PROXY header (docker-compose.yml), so a vmm-client inside their
+# containers cannot reach them: the script reaches them through the
+# balancer, from `server`'s container (`--addr lb:8888`) or from this
+# machine, and reads their health and metrics on port 9100.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -68,6 +78,11 @@ on_exit() {
     fi
 }
 trap on_exit EXIT
+
+# HAProxy's address on the compose network, the only one server-2 and
+# server-3 trust to send a PROXY header (lb's ipv4_address and
+# VMM_PROXY_PROTOCOL_FROM in docker-compose.yml).
+LB_ADDRESS=172.28.0.10
 
 # A minimal client of the JSON line protocol, for this machine's side of the
 # published ports. `call HOST PORT` sends each line of stdin as a request on
@@ -129,6 +144,15 @@ register_line() {
 }
 authenticate_line() { printf '{"command":"authenticate","data":{"vm_id":"%s","password":"%s"}}\n' "$1" "$PASSWORD"; }
 list_line() { printf '{"command":"list","data":{"list_type":"%s"}}\n' "$1"; }
+# register_in SERVICE VM ARGS...: registers VM with vmm-client inside
+# SERVICE's container (ARGS: --addr for another server), the password on
+# its stdin.
+register_in() {
+    local service=$1 vm=$2
+    shift 2
+    printf '%s\n' "$PASSWORD" \
+        | compose exec -T "$service" vmm-client "$@" --json register --vm-id "$vm" --ram 1024 --cpu 4 --disk 20 --password-stdin >/dev/null
+}
 
 # wait_for DESCRIPTION COMMAND...: runs COMMAND until it succeeds, for at
 # most READY_SECONDS, then fails with DESCRIPTION and COMMAND's last stderr.
@@ -147,7 +171,8 @@ wait_for() {
 }
 
 ping_port() { echo '{"command":"ping"}' | call "$1" | grep -q '"message":"PONG"'; }
-ping_in() { compose exec -T "$1" vmm-client ping | grep -q PONG; }
+# ping_lb_in SERVICE: pings the balancer from inside SERVICE's container.
+ping_lb_in() { compose exec -T "$1" vmm-client --addr lb:8888 ping | grep -q PONG; }
 
 # expect_vms WHERE OUTPUT VM...: OUTPUT (reply lines) lists every VM.
 expect_vms() {
@@ -160,8 +185,32 @@ expect_vms() {
 }
 # all_vms through a port of this machine, authenticated as VM $2.
 list_via_port() { { authenticate_line "$2"; list_line all_vms; } | call "$1" | tail -n 1; }
-# all_vms from inside a server container, as the operator.
-list_in() { compose exec -T "$1" vmm-client --admin --json list all; }
+# all_vms from inside a server container, as the operator: from its own
+# server, or (ARGS: --addr lb:8888) from another.
+list_in() {
+    local service=$1
+    shift
+    compose exec -T "$service" vmm-client "$@" --admin --json list all
+}
+# address_of SERVICE: the container's address on the compose network.
+address_of() {
+    local id
+    id=$(cluster ps -q "$1") && [ -n "$id" ] || return 1
+    docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id"
+}
+# peers_of VM: the peers (HOST:PORT, one a line) of VM's sessions in an
+# active_vms reply on stdin.
+peers_of() {
+    python3 -c '
+import json, sys
+reply = json.loads(sys.stdin.read())
+for entry in reply["data"]["active_vms"]:
+    if entry.get("vm_id") == sys.argv[1]:
+        print(entry["peer"])
+' "$1"
+}
+# host_of HOST:PORT (IPv4): HOST.
+host_of() { printf '%s\n' "${1%:*}"; }
 
 # http_in SERVICE PORT PATH: GET PATH from PORT on the container's own
 # loopback, over HTTP/1.0 (the server closes after the reply); prints the
@@ -203,7 +252,7 @@ metrics_in() {
     done
 }
 # lb_servers: each server of the balancer's backend with its state and its
-# last check (`a UP L7OK`), from HAProxy's stats socket (deploy/haproxy.cfg).
+# last check (`server-2 UP L7OK`), from HAProxy's stats socket (deploy/haproxy.cfg).
 lb_servers() {
     cluster exec -T lb timeout 10 bash -c \
         'exec 3<>/dev/tcp/127.0.0.1/9999 && echo "show stat" >&3 && cat <&3' \
@@ -212,8 +261,14 @@ lb_servers() {
                        status = $col["status"]; gsub(/ /, "_", status)  # "UP 1/2": going down
                        print $2, status, $col["check_status"] }'
 }
-# lb_both STATE: both servers are in STATE (UP or DOWN) for the balancer.
+# lb_both STATE: both servers (server-2, server-3) are in STATE (UP or
+# DOWN) for the balancer.
 lb_both() { [ "$(lb_servers | awk -v s="$1" '$2 == s' | wc -l)" = 2 ]; }
+# refused_proxy_in SERVICE: its count of connections refused for the PROXY
+# protocol (no header, or not from the balancer).
+refused_proxy_in() {
+    http_in "$1" 9100 /metrics | awk '$1 == "vmm_connections_refused_total{reason=\"proxy\"}" { print $2 }'
+}
 
 port_free() { ! python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)' "$1" 2>/dev/null; }
 
@@ -239,99 +294,171 @@ metrics_in server || fail "server's /metrics lacks a metric the alerts use"
 echo "ok: server's /healthz is 200 and /metrics has the alerts' metrics"
 # (with the profile on: `ps` leaves out the services of profiles not named)
 running=$(cluster ps --services --filter status=running) || fail "compose ps"
-if grep -qx 'server-2\|lb' <<< "$running"; then fail "the default profile started a cluster service: $running"; fi
+if grep -qx 'server-2\|server-3\|lb' <<< "$running"; then fail "the default profile started a cluster service: $running"; fi
 
 step "default profile: register smoke-a through port $VMM_PORT, list it"
 register_line smoke-a 512 2 10 | call "$VMM_PORT" >/dev/null || fail "register smoke-a through port $VMM_PORT"
 out=$(list_via_port "$VMM_PORT" smoke-a) || fail "list all_vms through port $VMM_PORT"
 expect_vms "through port $VMM_PORT (as smoke-a)" "$out" smoke-a
 
-step "cluster profile: add server-2 and the balancer"
+step "cluster profile: add server-2, server-3 and the balancer"
 cluster up -d
-wait_for "server-2 answers ping (vmm-client inside its container)" ping_in server-2
+for service in server-2 server-3; do
+    wait_for "$service's /readyz is 200" ready_in "$service"
+    readyz "$service" | sed "s/^/  $service \/readyz: /"
+done
 wait_for "the balancer answers ping on port $VMM_LB_PORT" ping_port "$VMM_LB_PORT"
+wait_for "the balancer answers ping from inside server's container (lb:8888)" ping_lb_in server
 # Two connections at once go to the two servers (leastconn) once both have
 # passed their health checks; HAProxy logs each connection's server on close.
 lb_used_both() {
     pair "$VMM_LB_PORT" || return 1
     local log
     log=$(cluster logs --no-color lb)
-    grep -q 'vmm_servers/a ' <<< "$log" && grep -q 'vmm_servers/b ' <<< "$log"
+    grep -q 'vmm_servers/server-2 ' <<< "$log" && grep -q 'vmm_servers/server-3 ' <<< "$log"
 }
-wait_for "the balancer sends connections to both servers" lb_used_both
-for service in server server-2; do
-    wait_for "$service's /readyz is 200" ready_in "$service"
-    readyz "$service" | sed "s/^/  $service \/readyz: /"
-done
-wait_for "the balancer's health checks (/readyz) mark both servers UP" lb_both UP
+wait_for "the balancer sends connections to both server-2 and server-3" lb_used_both
+wait_for "the balancer's health checks (/readyz, no PROXY header) mark both servers UP" lb_both UP
 lb_servers | sed 's/^/  lb: /'
+ready_in server || fail "server's /readyz is not 200 in the cluster profile"
+echo "ok: server (outside the balancer) is still ready"
 
-step "database paused: both servers leave the rotation, and come back"
-# Both servers share the database: pausing it makes both /readyz answer
-# 503 (the database check has a one-second limit), and HAProxy marks them
-# DOWN after two failed checks, while /healthz stays 200.
+step "PROXY protocol: the servers behind the balancer see the client's address"
+lb_address=$(address_of lb) || fail "no address for lb"
+[ "$lb_address" = "$LB_ADDRESS" ] || fail "lb's address is $lb_address, not $LB_ADDRESS (docker-compose.yml)"
+server_address=$(address_of server) || fail "no address for server"
+echo "ok: lb is at $lb_address, server's container at $server_address"
+# smoke-a logs in through the balancer from server's container and lists
+# the open connections on that connection: its own session's peer is
+# server's container, as HAProxy's header said, not HAProxy.
+out=$(printf '%s\n' "$PASSWORD" \
+    | compose exec -T server vmm-client --addr lb:8888 --json list active --vm-id smoke-a --password-stdin) \
+    || fail "list active_vms through lb:8888 as smoke-a"
+peers=$(peers_of smoke-a <<< "$out") || fail "read the active_vms reply: $out"
+[ -n "$peers" ] || fail "smoke-a's own session is not in active_vms: $out"
+while read -r peer; do
+    echo "  smoke-a's session (through lb:8888 from server's container): peer $peer"
+    [ "$(host_of "$peer")" = "$server_address" ] || fail "smoke-a's peer is $peer, not server's container ($server_address)"
+done <<< "$peers"
+echo "ok: the session's peer is the client's address ($server_address), not the balancer's ($LB_ADDRESS)"
+# The audit trail names the same address for that login (newest first).
+out=$(compose exec -T server vmm-client --admin --json audit --vm-id smoke-a --limit 1) || fail "audit smoke-a"
+python3 -c '
+import json, sys
+event = json.loads(sys.argv[1])["data"]["events"][0]
+print("  audit:", event["action"], event["outcome"], "from", event["peer"])
+if event["action"] != "authenticate" or event["peer"].rsplit(":", 1)[0] != sys.argv[2]:
+    sys.exit(1)
+' "$out" "$server_address" || fail "the audit trail's last event for smoke-a is not its login from $server_address: $out"
+echo "ok: the audit trail has smoke-a's login from $server_address"
+# From this machine through the published port, Docker's proxy or NAT
+# stands between, so the client address may be Docker's gateway; whatever
+# it is, it is not the balancer's.
+out=$({ authenticate_line smoke-a; list_line active_vms; } | call "$VMM_LB_PORT" | tail -n 1) \
+    || fail "list active_vms through port $VMM_LB_PORT as smoke-a"
+peers=$(peers_of smoke-a <<< "$out") || fail "read the active_vms reply: $out"
+[ -n "$peers" ] || fail "smoke-a's own session is not in active_vms: $out"
+while read -r peer; do
+    echo "  smoke-a's session (through port $VMM_LB_PORT of this machine): peer $peer"
+    [ "$(host_of "$peer")" != "$LB_ADDRESS" ] || fail "smoke-a's peer is the balancer's address: $peer"
+done <<< "$peers"
+echo "ok: through port $VMM_LB_PORT too, the peer is not the balancer's address"
+# Around the balancer, without a header (and not from HAProxy's address),
+# server-2's client port closes the connection without a reply.
+before=$(refused_proxy_in server-2) || fail "server-2's /metrics"
+if reply=$(compose exec -T server timeout 20 vmm-client --addr server-2:8888 ping 2>&1); then
+    fail "server-2 answered a connection without a PROXY header: $reply"
+fi
+grep -q PONG <<< "$reply" && fail "server-2 answered a connection without a PROXY header: $reply"
+echo "  vmm-client --addr server-2:8888 ping (from server's container): $(tail -n 1 <<< "$reply")"
+refused_more() { [ "$(refused_proxy_in server-2)" -gt "${before:-0}" ]; }
+wait_for "server-2 counts the connection in vmm_connections_refused_total{reason=\"proxy\"}" refused_more
+
+step "database paused: the servers leave the rotation, and come back"
+# The servers share the database: pausing it makes every /readyz answer
+# 503 (the database check has a one-second limit), and HAProxy marks
+# server-2 and server-3 DOWN after two failed checks, while /healthz stays
+# 200.
 cluster pause db
-for service in server server-2; do
+for service in server server-2 server-3; do
     wait_for "$service's /readyz is 503, naming the database" not_ready_in "$service"
     readyz "$service" | sed "s/^/  $service \/readyz: /"
     health_in "$service" || fail "$service's /healthz is not 200 without the database"
 done
-echo "ok: both /healthz stay 200"
+echo "ok: every /healthz stays 200"
 wait_for "the balancer marks both servers DOWN" lb_both DOWN
 lb_servers | sed 's/^/  lb: /'
 cluster unpause db
-for service in server server-2; do
+for service in server server-2 server-3; do
     wait_for "$service's /readyz is 200 again" ready_in "$service"
 done
 wait_for "the balancer marks both servers UP again" lb_both UP
 lb_servers | sed 's/^/  lb: /'
 wait_for "the balancer answers ping on port $VMM_LB_PORT" ping_port "$VMM_LB_PORT"
 
-step "cluster profile: one server sees what the other registered"
-out=$(list_in server-2) || fail "list all_vms in server-2"
-expect_vms "by server-2 (registered through server)" "$out" smoke-a
-# smoke-b registered by server-2's own client, the password on its stdin.
-printf '%s\n' "$PASSWORD" \
-    | compose exec -T server-2 vmm-client --json register --vm-id smoke-b --ram 1024 --cpu 4 --disk 20 --password-stdin >/dev/null \
-    || fail "register smoke-b in server-2"
+step "cluster profile: what one server registers, the others see"
+# smoke-a was registered through server; the balancer's servers list it.
+out=$(list_in server --addr lb:8888) || fail "list all_vms through lb:8888 from server's container"
+expect_vms "through the balancer (lb:8888; registered through server)" "$out" smoke-a
+# smoke-b through the balancer (to server-2 or server-3); server lists it.
+register_in server smoke-b --addr lb:8888 || fail "register smoke-b through lb:8888"
 out=$(list_via_port "$VMM_PORT" smoke-b) || fail "list all_vms through port $VMM_PORT as smoke-b"
-expect_vms "by server, port $VMM_PORT (registered through server-2)" "$out" smoke-a smoke-b
+expect_vms "by server, port $VMM_PORT (registered through the balancer)" "$out" smoke-a smoke-b
 out=$(list_via_port "$VMM_LB_PORT" smoke-a) || fail "list all_vms through the balancer"
 expect_vms "through the balancer, port $VMM_LB_PORT" "$out" smoke-a smoke-b
 
-step "failover: server-2 stops, the balancer still answers"
-cluster stop server-2
-# Connections sent to server-2 before the health checks mark it down fail
-# to connect and are redispatched to server (option redispatch).
-for i in 1 2 3 4 5 6; do
-    ping_port "$VMM_LB_PORT" || fail "ping $i through the balancer with server-2 stopped"
-done
-echo "ok: 6 pings through the balancer with server-2 stopped"
-out=$(list_via_port "$VMM_LB_PORT" smoke-b) || fail "list all_vms through the balancer with server-2 stopped"
-expect_vms "through the balancer with server-2 stopped" "$out" smoke-a smoke-b
-cluster start server-2
-wait_for "server-2 answers ping again" ping_in server-2
+# stop_one STOPPED OTHER VM: with STOPPED stopped, the balancer answers
+# every connection through OTHER, VM registered through it is listed by
+# `server` and through the balancer, then STOPPED starts again.
+stop_one() {
+    local stopped=$1 other=$2 vm=$3 i out
+    cluster stop "$stopped"
+    # Connections sent to the stopped server before the health checks mark
+    # it down fail to connect and are redispatched (option redispatch).
+    for i in 1 2 3 4 5 6; do
+        ping_port "$VMM_LB_PORT" || fail "ping $i through the balancer with $stopped stopped"
+    done
+    echo "ok: 6 pings through the balancer with $stopped stopped"
+    register_line "$vm" 256 1 5 | call "$VMM_LB_PORT" >/dev/null \
+        || fail "register $vm through the balancer with $stopped stopped"
+    echo "ok: $vm registered through the balancer, that is through $other"
+    out=$(list_via_port "$VMM_PORT" "$vm") || fail "list all_vms through port $VMM_PORT as $vm"
+    expect_vms "by server, port $VMM_PORT (registered through $other)" "$out" smoke-a smoke-b "$vm"
+    out=$(list_via_port "$VMM_LB_PORT" smoke-b) || fail "list all_vms through the balancer with $stopped stopped"
+    expect_vms "through the balancer with $stopped stopped" "$out" smoke-a smoke-b "$vm"
+    cluster start "$stopped"
+    wait_for "$stopped's /readyz is 200 again" ready_in "$stopped"
+    wait_for "the balancer marks both servers UP again" lb_both UP
+}
+
+step "failover: server-2 stops, the balancer still answers (through server-3)"
+stop_one server-2 server-3 smoke-c
+
+step "failover: server-3 stops, the balancer still answers (through server-2)"
+stop_one server-3 server-2 smoke-d
 
 step "down and up again: the data stays"
 cluster down
 cluster up -d
 wait_for "server answers ping on port $VMM_PORT" ping_port "$VMM_PORT"
-wait_for "server-2 answers ping" ping_in server-2
+for service in server server-2 server-3; do
+    wait_for "$service's /readyz is 200" ready_in "$service"
+done
 wait_for "the balancer answers ping on port $VMM_LB_PORT" ping_port "$VMM_LB_PORT"
-wait_for "server's /readyz is 200" ready_in server
-wait_for "server-2's /readyz is 200" ready_in server-2
+wait_for "the balancer marks both servers UP" lb_both UP
 out=$(list_in server) || fail "list all_vms in server"
-expect_vms "by server after the restart" "$out" smoke-a smoke-b
-out=$(list_in server-2) || fail "list all_vms in server-2"
-expect_vms "by server-2 after the restart" "$out" smoke-a smoke-b
+expect_vms "by server after the restart" "$out" smoke-a smoke-b smoke-c smoke-d
+out=$(list_in server --addr lb:8888) || fail "list all_vms through lb:8888 from server's container"
+expect_vms "through the balancer (lb:8888) after the restart" "$out" smoke-a smoke-b smoke-c smoke-d
 # The password hashes stayed too: smoke-b authenticates through the balancer.
 out=$(list_via_port "$VMM_LB_PORT" smoke-b) || fail "authenticate smoke-b and list through the balancer after the restart"
-expect_vms "through the balancer after the restart (as smoke-b)" "$out" smoke-a smoke-b
+expect_vms "through the balancer after the restart (as smoke-b)" "$out" smoke-a smoke-b smoke-c smoke-d
 
 step "tear down (volumes included)"
 cluster down -v --remove-orphans
 if [ -n "$(cluster ps -q 2>/dev/null)" ]; then fail "containers left after down"; fi
 if docker volume inspect "${PROJECT}_db-data" >/dev/null 2>&1; then fail "volume ${PROJECT}_db-data left after down -v"; fi
-echo "ok: no containers, no volume"
+if docker network inspect "${PROJECT}_vmm" >/dev/null 2>&1; then fail "network ${PROJECT}_vmm left after down"; fi
+echo "ok: no containers, no volume, no network"
 
 printf '\nsmoke: PASSED\n'

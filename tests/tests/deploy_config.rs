@@ -4,7 +4,11 @@
 //! - HAProxy starts under a 20,000-descriptor limit, keeps idle VMs for an
 //!   hour at least with TCP keepalive both ways, re-dispatches connections
 //!   whose server is gone, and resolves the servers' names at run time;
-//! - both server services run one image, built once;
+//! - the server services run one image, built once;
+//! - the servers HAProxy balances (server-2, server-3) require its PROXY
+//!   protocol header and trust it from HAProxy's fixed address alone, which
+//!   no other container can take; `server`, reached directly, does not; and
+//!   HAProxy sends the header to the servers but not with its health checks;
 //! - the Docker build context leaves out what the build does not read;
 //! - each server serves metrics and health on port 9100, HAProxy takes a
 //!   server out on its /readyz, and Prometheus scrapes that port;
@@ -15,6 +19,7 @@
 //!   serves (this one needs the test database): a renamed metric or label
 //!   would otherwise leave an alert that passes its tests and never fires.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -46,6 +51,47 @@ fn compose_service(name: &str) -> String {
         .take_while(|line| line.is_empty() || line.starts_with("   "))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The value of `key: value` among a service's lines, unquoted.
+fn setting(body: &str, key: &str) -> Option<String> {
+    body.lines().find_map(|line| {
+        let (k, v) = line.trim().split_once(':')?;
+        (k == key).then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// The names of docker-compose.yml's services (the keys under `services:`).
+fn compose_services() -> Vec<String> {
+    read("docker-compose.yml")
+        .lines()
+        .skip_while(|line| *line != "services:")
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with(' ') || line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix("  ")?.strip_suffix(':'))
+        .filter(|name| !name.starts_with([' ', '#']))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The top-level `networks:` section of docker-compose.yml.
+fn compose_networks() -> String {
+    read("docker-compose.yml")
+        .lines()
+        .skip_while(|line| *line != "networks:")
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with(' '))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Whether `addr` is in the address block `cidr` (`172.28.0.0/24`).
+fn in_block(addr: Ipv4Addr, cidr: &str) -> bool {
+    let (base, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+    let base: Ipv4Addr = base.parse().unwrap_or_else(|_| panic!("a block: {cidr}"));
+    let len: u32 = len.parse().unwrap_or_else(|_| panic!("a block: {cidr}"));
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from(addr) & mask == u32::from(base) & mask
 }
 
 /// Runs `promtool ARGS` in the repository's top directory and fails the test
@@ -159,20 +205,121 @@ fn haproxy_starts_under_20000_descriptors_and_keeps_idle_vms() {
     assert!(resolved, "the servers' names are resolved at run time");
 }
 
+/// The server services: `server`, reached directly, and the two HAProxy
+/// balances.
+const SERVERS: [&str; 3] = ["server", "server-2", "server-3"];
+const BALANCED: [&str; 2] = ["server-2", "server-3"];
+
 #[test]
-fn both_servers_run_one_image_built_once() {
-    let image = |body: &str| {
-        body.lines()
-            .find_map(|l| l.trim().strip_prefix("image:").map(|i| i.trim().to_owned()))
-    };
-    let (one, two) = (compose_service("server"), compose_service("server-2"));
-    assert_eq!(image(&one), image(&two), "one image for both servers");
-    assert!(image(&one).is_some());
-    let builds = [&one, &two]
+fn the_servers_run_one_image_built_once() {
+    let bodies: Vec<String> = SERVERS.iter().map(|name| compose_service(name)).collect();
+    let image = setting(&bodies[0], "image");
+    assert!(image.is_some(), "{}", bodies[0]);
+    for (name, body) in SERVERS.iter().zip(&bodies) {
+        assert_eq!(
+            setting(body, "image"),
+            image,
+            "{name}: one image for all servers"
+        );
+    }
+    let builds = bodies
         .iter()
         .filter(|body| body.lines().any(|l| l.trim().starts_with("build:")))
         .count();
-    assert_eq!(builds, 1, "built once, by one of the two services");
+    assert_eq!(builds, 1, "built once, by one of the services");
+}
+
+#[test]
+fn the_balanced_servers_take_proxy_headers_from_the_balancer_alone() {
+    // HAProxy has a fixed address, in the network's fixed subnet, outside
+    // the range the other containers' addresses come from.
+    let lb = compose_service("lb");
+    let lb_address: Ipv4Addr = setting(&lb, "ipv4_address")
+        .unwrap_or_else(|| panic!("lb has no fixed address:\n{lb}"))
+        .parse()
+        .expect("lb's ipv4_address is an IPv4 address");
+    let networks = compose_networks();
+    let subnet = setting(&networks, "- subnet").expect("a fixed subnet");
+    assert!(
+        in_block(lb_address, &subnet),
+        "{lb_address} outside {subnet}"
+    );
+    let range = setting(&networks, "ip_range").expect("an ip_range for the others");
+    assert!(
+        !in_block(lb_address, &range),
+        "another container may take {lb_address}: it is in the ip_range {range}"
+    );
+
+    // Every service is on that network (else HAProxy's address is another).
+    let services = compose_services();
+    assert!(services.len() >= 6, "{services:?}");
+    for name in &services {
+        let body = compose_service(name);
+        let lines: Vec<&str> = body.lines().map(str::trim).collect();
+        assert!(
+            lines.contains(&"networks: [vmm]")
+                || lines.windows(2).any(|w| w == ["networks:", "vmm:"]),
+            "{name} is not on the vmm network:\n{body}"
+        );
+    }
+
+    // The servers behind it require the header, from its address only (not
+    // the subnet, which holds Docker's gateway too), and publish no port.
+    for name in BALANCED {
+        let body = compose_service(name);
+        assert_eq!(
+            setting(&body, "VMM_PROXY_PROTOCOL").as_deref(),
+            Some("true"),
+            "{name}:\n{body}"
+        );
+        assert_eq!(
+            setting(&body, "VMM_PROXY_PROTOCOL_FROM"),
+            Some(lb_address.to_string()),
+            "{name} trusts others than the balancer:\n{body}"
+        );
+        assert!(
+            setting(&body, "ports").is_none(),
+            "{name} is published:\n{body}"
+        );
+    }
+    // `server` takes clients directly: no header.
+    let server = compose_service("server");
+    assert!(
+        matches!(
+            setting(&server, "VMM_PROXY_PROTOCOL").as_deref(),
+            None | Some("false")
+        ),
+        "server requires a PROXY header, which its direct clients do not send:\n{server}"
+    );
+    assert!(
+        setting(&server, "VMM_PROXY_PROTOCOL_FROM").is_none(),
+        "{server}"
+    );
+
+    // HAProxy balances exactly those, and sends them the header.
+    let lines = haproxy();
+    let servers: Vec<&String> = lines.iter().filter(|l| l.starts_with("server ")).collect();
+    let mut hosts: Vec<&str> = servers
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .map(|addr| addr.split(':').next().unwrap_or(addr))
+        .collect();
+    hosts.sort_unstable();
+    assert_eq!(hosts, BALANCED, "{servers:?}");
+    let has_word = |line: &str, word: &str| line.split_whitespace().any(|w| w == word);
+    let default_server = lines.iter().find(|l| l.starts_with("default-server"));
+    assert!(
+        default_server.is_some_and(|l| has_word(l, "send-proxy-v2"))
+            || servers.iter().all(|l| has_word(l, "send-proxy-v2")),
+        "the servers get no PROXY v2 header: {lines:#?}"
+    );
+    // Its checks go to the metrics port, which speaks plain HTTP: they must
+    // send no header (HAProxy sends none on a check with a `port` of its
+    // own, unless told to with check-send-proxy).
+    assert!(
+        !lines.iter().any(|l| has_word(l, "check-send-proxy")),
+        "the health checks would send a PROXY header to /readyz: {lines:#?}"
+    );
 }
 
 #[test]
@@ -213,8 +360,6 @@ fn the_build_context_leaves_out_what_the_build_does_not_read() {
         .expect("dependencies built before the sources are copied");
     assert!(dependency_build > 0);
 }
-
-const SERVERS: [&str; 2] = ["server", "server-2"];
 
 #[test]
 fn each_server_serves_metrics_on_9100_for_haproxy_and_prometheus() {
