@@ -51,6 +51,7 @@ mod out;
 mod pages;
 mod password;
 mod render;
+mod replace;
 mod resume;
 mod secrets;
 mod shell;

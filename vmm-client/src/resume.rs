@@ -23,7 +23,7 @@
 //!   over an existing file), the file may come back empty: that is refused
 //!   at start, naming the file, rather than taken as "from now on".
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -107,7 +107,7 @@ impl ResumeFile {
             .map_err(|err| self.cannot("sync", &err))?;
         // A directory that cannot be opened or synced (some file systems)
         // leaves the rename to the kernel's own writeback.
-        if let Ok(dir) = std::fs::File::open(dir_of(&self.path)) {
+        if let Ok(dir) = std::fs::File::open(crate::replace::dir_of(&self.path)) {
             let _ = dir.sync_all();
         }
         self.unsynced_since = None;
@@ -128,33 +128,10 @@ fn parse(text: &str) -> Option<i64> {
     text.trim().parse().ok().filter(|seq| *seq >= 0)
 }
 
-fn dir_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    }
-}
-
 /// Writes `seq` to a temporary file next to `path` and renames it over
 /// `path` (not synced: see the module's doc).
 fn write_renamed(path: &Path, seq: i64) -> io::Result<()> {
-    let dir = dir_of(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = dir.join(temp_name);
-    let written = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(format!("{seq}\n").as_bytes())?;
-        std::fs::rename(&temp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    written
+    crate::replace::replace(path, format!("{seq}\n").as_bytes(), false)
 }
 
 #[cfg(test)]
@@ -183,9 +160,11 @@ mod tests {
         let (_, seq) = ResumeFile::open(path.clone()).unwrap();
         assert_eq!(seq, Some(43));
         // No temporary file is left behind.
-        let entries = std::fs::read_dir(dir_of(&path)).unwrap().count();
+        let entries = std::fs::read_dir(crate::replace::dir_of(&path))
+            .unwrap()
+            .count();
         assert_eq!(entries, 1);
-        let _ = std::fs::remove_dir_all(dir_of(&path));
+        let _ = std::fs::remove_dir_all(crate::replace::dir_of(&path));
     }
 
     #[test]
@@ -200,6 +179,6 @@ mod tests {
         }
         std::fs::write(&path, " 7 \n").unwrap();
         assert_eq!(ResumeFile::open(path.clone()).unwrap().1, Some(7));
-        let _ = std::fs::remove_dir_all(dir_of(&path));
+        let _ = std::fs::remove_dir_all(crate::replace::dir_of(&path));
     }
 }

@@ -11,7 +11,7 @@
 //! old mapping or the new one, never half of one.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,36 +93,10 @@ pub fn save(path: &Path, state: &State) -> Result<(), String> {
 }
 
 fn write_atomically(path: &Path, state: &State) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = dir.join(temp_name);
+    std::fs::create_dir_all(crate::replace::dir_of(path))?;
     let mut text = serde_json::to_vec(state).map_err(io::Error::other)?;
     text.push(b'\n');
-    let written = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(&text)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-        return written;
-    }
-    // The rename is durable once the directory is; a directory that cannot
-    // be opened or synced (some file systems) leaves the file written.
-    if let Ok(dir) = std::fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    crate::replace::replace(path, &text, true)
 }
 
 #[cfg(test)]
