@@ -269,3 +269,92 @@ async fn a_since_the_log_cannot_serve_is_gone() {
     .await;
     assert_eq!(ok(&reply)["seq"], latest);
 }
+
+/// `seq` follows commit order even when many writers on two instances
+/// commit at once: a live watcher and one that resumes afterwards with
+/// `since` see the same events, each once, in the same order, and every
+/// VM's updates in the order they were made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_on_two_instances_reach_live_and_resumed_watchers_alike() {
+    use vmm_tests::race::{Pair, race};
+    const WRITERS: usize = 20;
+    const UPDATES: u64 = 10;
+    let pair = Pair::start(|_| {}).await;
+    let mut live = vm(&pair.a, "race-live").await;
+    let reply = live
+        .call(json!({"command": "watch", "data": {"topics": ["vms"]}}))
+        .await;
+    let start = ok(&reply)["seq"].as_i64().unwrap();
+
+    race(WRITERS, |i, gate| {
+        let addr = pair.addr(i);
+        async move {
+            let vm_id = format!("racer-{i}");
+            // A machine each: logins from one address at once are throttled.
+            let mut conn = RawConn::connect_from(i + 1, addr).await;
+            ok(&conn
+                .call(
+                    json!({"command": "register", "data": {"vm_id": vm_id, "ram": 1,
+                    "cpu": 1, "password": password_for(&vm_id)}}),
+                )
+                .await);
+            ok(&conn
+                .call(json!({"command": "authenticate", "data": {"vm_id": vm_id,
+                    "password": password_for(&vm_id)}}))
+                .await);
+            gate.open().await;
+            for ram in 2..2 + UPDATES {
+                ok(&conn
+                    .call(json!({"command": "update", "data": {"ram": ram}}))
+                    .await);
+            }
+        }
+    })
+    .await;
+
+    // The racers' updates, as a watcher saw them: (seq, vm, ram).
+    async fn racer_updates(conn: &mut RawConn) -> Vec<(i64, String, u64)> {
+        let mut seen = Vec::new();
+        while seen.len() < WRITERS * UPDATES as usize {
+            let event = next_event(conn).await;
+            let vm = &event["data"]["vm"];
+            if event["event"] == "vm_updated"
+                && vm["vm_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("racer-"))
+            {
+                seen.push((
+                    event["seq"].as_i64().unwrap(),
+                    vm["vm_id"].as_str().unwrap().to_owned(),
+                    vm["ram"].as_u64().unwrap(),
+                ));
+            }
+        }
+        seen
+    }
+    let seen_live = racer_updates(&mut live).await;
+
+    let mut resumed = vm(&pair.b, "race-resumed").await;
+    ok(&resumed
+        .call(json!({"command": "watch", "data": {"topics": ["vms"], "since": start}}))
+        .await);
+    let seen_resumed = racer_updates(&mut resumed).await;
+
+    assert_eq!(
+        seen_live, seen_resumed,
+        "the log and the live events differ"
+    );
+    assert!(
+        seen_live.windows(2).all(|w| w[0].0 < w[1].0),
+        "seq out of order"
+    );
+    for i in 0..WRITERS {
+        let vm_id = format!("racer-{i}");
+        let rams: Vec<u64> = seen_live
+            .iter()
+            .filter(|(_, id, _)| *id == vm_id)
+            .map(|(_, _, ram)| *ram)
+            .collect();
+        assert_eq!(rams, (2..2 + UPDATES).collect::<Vec<_>>(), "{vm_id}");
+    }
+}
