@@ -616,6 +616,23 @@ impl TestServer {
         (client, token)
     }
 
+    /// Serves this server's `/metrics`, `/healthz` and `/readyz` on a port
+    /// of their own until the test ends, as `--metrics-listen` does.
+    pub async fn metrics_listener(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|err| fail(format!("cannot bind: {err}")));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|err| fail(err.to_string()));
+        tokio::spawn(vmm_core::health::serve(
+            listener,
+            Arc::clone(&self.context),
+            std::future::pending(),
+        ));
+        addr
+    }
+
     pub async fn raw(&self) -> RawConn {
         RawConn::connect(self.addr).await
     }

@@ -22,7 +22,6 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -475,13 +474,7 @@ fn selectors(text: &str) -> Vec<Selector> {
 /// `/metrics` of `server`, after one request of each command the alerts
 /// and their tests name (and a failed login).
 async fn scrape_after_commands(server: &TestServer) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(vmm_core::health::serve(
-        listener,
-        Arc::clone(&server.context),
-        std::future::pending(),
-    ));
+    let addr = server.metrics_listener().await;
     let mut vm = server.raw().await;
     ok(&vm
         .call(json!({"command": "register", "data": {"vm_id": "d1", "ram": 64, "cpu": 1, "password": password_for("d1")}}))

@@ -3,7 +3,6 @@
 //! database while `/healthz` does not.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -12,19 +11,6 @@ use tokio::net::TcpStream;
 use vmm_tests::{DbProxy, Deadline, RawConn, TestServer, err, ok, password_for};
 
 const ADMIN: &str = "operator-token-0123456789";
-
-/// Serves `server`'s metrics and health on a port of their own until the
-/// test ends.
-async fn metrics_listener(server: &TestServer) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(vmm_core::health::serve(
-        listener,
-        Arc::clone(&server.context),
-        std::future::pending(),
-    ));
-    addr
-}
 
 struct Response {
     status: u16,
@@ -63,7 +49,7 @@ fn sample(text: &str, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_commands_exactly() {
     let server = TestServer::start().await;
-    let metrics = metrics_listener(&server).await;
+    let metrics = server.metrics_listener().await;
     let before = get(metrics, "/metrics").await;
     assert_eq!(before.status, 200);
     assert!(
@@ -151,7 +137,7 @@ async fn metrics_count_commands_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_sessions_watchers_pool_and_list_bytes() {
     let server = TestServer::start_with(|config| config.admin_token = Some(ADMIN.into())).await;
-    let metrics = metrics_listener(&server).await;
+    let metrics = server.metrics_listener().await;
     let scrape = || async { get(metrics, "/metrics").await.body };
 
     let _nobody = server.raw().await;
@@ -278,7 +264,7 @@ async fn metrics_show_sessions_watchers_pool_and_list_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_counted_by_reason() {
     let server = TestServer::start_with(|config| config.max_connections_per_ip = 1).await;
-    let metrics = metrics_listener(&server).await;
+    let metrics = server.metrics_listener().await;
     let text = get(metrics, "/metrics").await.body;
     for reason in ["max_connections", "max_connections_per_ip", "tls", "proxy"] {
         let series = format!(r#"vmm_connections_refused_total{{reason="{reason}"}} 0"#);
@@ -356,7 +342,7 @@ async fn readyz_follows_the_database_and_healthz_does_not() {
             config.presence_interval = Duration::from_millis(500);
         })
         .await;
-    let health = metrics_listener(&b).await;
+    let health = b.metrics_listener().await;
 
     let deadline = Deadline::new("/readyz is 200 once the database was checked");
     while get(health, "/readyz").await.status != 200 {
