@@ -243,11 +243,15 @@ async fn a_since_the_log_cannot_serve_is_gone() {
     // retention, `since` 0 asks for them.
     let deadline = Deadline::new("the first events pruned");
     let gone = loop {
-        let reply = call_past_events(
-            &mut watcher,
-            json!({"command": "watch", "data": {"since": 0}}),
-        )
-        .await;
+        // A connection each time: one whose watch from 0 succeeded may be
+        // pruned past while it reads the log, and is then disconnected.
+        let mut poll = server.raw().await;
+        ok(&poll
+            .call(json!({"command": "authenticate", "data": {"vm_id": "late",
+                "password": password_for("late")}}))
+            .await);
+        let reply =
+            call_past_events(&mut poll, json!({"command": "watch", "data": {"since": 0}})).await;
         if reply["code"] == "gone" {
             break reply;
         }
