@@ -774,6 +774,18 @@ impl RawConn {
             .unwrap_or_else(|err| fail(format!("write failed: {err}")));
     }
 
+    /// The next reply line exactly as it came, newline included.
+    pub async fn line(&mut self) -> String {
+        let mut line = String::new();
+        let read = tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line))
+            .await
+            .unwrap_or_else(|_| fail("no reply in time".into()));
+        match read {
+            Ok(n) if n > 0 => line,
+            _ => fail("the server closed the connection".into()),
+        }
+    }
+
     /// The next reply line as JSON; `None` when the server closed.
     pub async fn try_reply(&mut self) -> Option<Value> {
         let mut line = String::new();

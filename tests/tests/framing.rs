@@ -67,6 +67,51 @@ async fn five_hundred_pipelined_requests_answer_in_order() {
     }
 }
 
+/// The usual pings are answered without being decoded (see
+/// `commands::ping`); every other ping is decoded. Mixed in one pipelined
+/// batch, split across writes, each gets exactly the bytes the decoder's
+/// path writes, in order.
+#[tokio::test]
+async fn pings_answered_with_and_without_decoding_get_the_same_bytes() {
+    const PONG: &str = r#"{"status":"success","message":"PONG","data":{}"#;
+    let cases = [
+        // Answered without decoding.
+        (r#"{"command":"ping"}"#, format!("{PONG}}}")),
+        (r#"{"command": "ping", "data": {}}"#, format!("{PONG}}}")),
+        (r#"  { "id" : 42 , "command":"ping", "data":null }"#, format!(r#"{PONG},"id":42}}"#)),
+        (r#"{"command":"ping","id":"a b"}"#, format!(r#"{PONG},"id":"a b"}}"#)),
+        (r#"{"command":"ping","id":null}"#, format!(r#"{PONG},"id":null}}"#)),
+        // Decoded.
+        (r#"{"command":"p\u0069ng","id":1.50}"#, format!(r#"{PONG},"id":1.5}}"#)),
+        (r#"{"command":"ping","id":"\u00e9"}"#, format!(r#"{PONG},"id":"é"}}"#)),
+        (r#"{"command":"ping","id":-0}"#, format!(r#"{PONG},"id":-0.0}}"#)),
+        (r#"{"command":"ping","extra":[1]}"#, format!("{PONG}}}")),
+        (
+            r#"{"command":"ping","data":{"x":1},"id":7}"#,
+            r#"{"status":"error","message":"`x` is not a known field","data":{},"code":"invalid_params","id":7}"#.to_string(),
+        ),
+        (
+            r#"{"command":"ping","command":"ping"}"#,
+            r#"{"status":"error","message":"`command`, `data` and `id` may each appear only once","data":{},"code":"invalid_request"}"#.to_string(),
+        ),
+    ];
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    let batch: String = cases.iter().map(|(line, _)| format!("{line}\n")).collect();
+    let batch = batch.repeat(3);
+    // Cut mid-line, so that lines are whole in some reads and not others.
+    let (first, rest) = batch.split_at(batch.len() / 3 + 5);
+    conn.send(first).await;
+    tokio::task::yield_now().await;
+    conn.send(rest).await;
+    for round in 0..3 {
+        for (request, expected) in &cases {
+            let got = conn.line().await;
+            assert_eq!(got, format!("{expected}\n"), "round {round}: {request}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn ids_are_echoed_verbatim_and_only_when_sent() {
     let server = TestServer::start().await;

@@ -266,6 +266,37 @@ impl FrameDecoder {
         Some(value)
     }
 
+    /// [`FrameDecoder::decode_line_with`] for a run of lines: `take` is given
+    /// each whole line in turn (trimmed of leading whitespace, without its
+    /// newline) while it returns true, and the lines it took are removed
+    /// from `buf` at once. Returns how many it took.
+    pub fn take_lines(&mut self, buf: &mut BytesMut, mut take: impl FnMut(&[u8]) -> bool) -> usize {
+        if self.overflowed || self.skipping_line || self.kind.is_some() {
+            return 0;
+        }
+        let (mut taken, mut at) = (0, 0);
+        loop {
+            let rest = &buf[at..];
+            let Some(start) = rest.iter().position(|&b| !is_json_whitespace(b)) else {
+                break;
+            };
+            if rest[start] != b'{' {
+                break;
+            }
+            let window = &rest[start..rest.len().min(start + self.max_len + 1)];
+            let Some(end) = memchr::memchr(b'\n', window) else {
+                break;
+            };
+            if !take(&window[..end]) {
+                break;
+            }
+            taken += 1;
+            at += start + end + 1;
+        }
+        buf.advance(at);
+        taken
+    }
+
     /// Skips the rest of the current line: what follows a value that turned
     /// out not to be JSON after all (see [`RawFrame::Value`]).
     pub fn skip_line(&mut self) {
@@ -565,6 +596,24 @@ impl Connection {
                 None
             }
         }
+    }
+
+    /// Answers the buffered requests at the front of the input without
+    /// decoding them, while each is a whole line that `answer` recognises:
+    /// `answer` is given the line (without its newline) and the queue of
+    /// replies, and says whether it queued the reply. Stops at the first
+    /// line it does not recognise, which stays buffered for
+    /// [`Connection::buffered_request`], or once the replies queued are
+    /// [`Connection::backlogged`]. Returns how many it answered.
+    pub fn answer_lines(&mut self, mut answer: impl FnMut(&[u8], &mut Vec<u8>) -> bool) -> usize {
+        let out = &mut self.out;
+        let answered = self.decoder.take_lines(&mut self.buffer, |line| {
+            out.len() < crate::listing::BATCH_BYTES && answer(line, out)
+        });
+        if answered > 0 {
+            self.partial_since = None;
+        }
+        answered
     }
 
     /// Whether input is buffered: a request, or the start of one.
@@ -977,11 +1026,28 @@ mod tests {
     /// The requests in `input` as the connection decodes them: whole lines
     /// first when `by_line`, always the byte-at-a-time framing otherwise.
     fn requests(input: &[u8], split: usize, by_line: bool) -> Vec<String> {
+        requests_taking(input, split, by_line, false)
+    }
+
+    /// [`requests`], and when `runs`, whole lines taken in runs by
+    /// [`FrameDecoder::take_lines`] first, as the connection answers pings.
+    fn requests_taking(input: &[u8], split: usize, by_line: bool, runs: bool) -> Vec<String> {
         let mut decoder = FrameDecoder::new(200);
         let mut buf = BytesMut::from(&input[..split]);
         let mut got = Vec::new();
         for more in [&input[split..], &[][..]] {
             loop {
+                if runs
+                    && decoder.take_lines(&mut buf, |line| match Request::from_line(line) {
+                        Some(request) => {
+                            got.push(format!("{:?}", RawFrame::Value(request)));
+                            true
+                        }
+                        None => false,
+                    }) > 0
+                {
+                    continue;
+                }
                 if by_line
                     && let Some(request) = decoder.decode_line_with(&mut buf, Request::from_line)
                 {
@@ -1016,6 +1082,11 @@ mod tests {
         assert_eq!(expected.len(), 17, "{expected:#?}");
         for split in 0..=input.len() {
             assert_eq!(requests(input, split, true), expected, "split at {split}");
+            assert_eq!(
+                requests_taking(input, split, true, true),
+                expected,
+                "runs, split at {split}"
+            );
         }
     }
 

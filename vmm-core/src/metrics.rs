@@ -493,42 +493,62 @@ impl Tally<'_> {
     /// Counts one answered request: its outcome (`None`: success) and how
     /// long it took.
     pub fn command(&mut self, slot: CommandSlot, outcome: Option<ErrorCode>, took: Duration) {
+        self.commands(slot, outcome, 1, took);
+    }
+
+    /// Counts `count` requests of one command with the same outcome that
+    /// were answered together in `took`: each is given an equal share of it.
+    pub fn commands(
+        &mut self,
+        slot: CommandSlot,
+        outcome: Option<ErrorCode>,
+        count: usize,
+        took: Duration,
+    ) {
+        if count == 0 {
+            return;
+        }
         let index = outcome.map_or(0, |code| code as usize + 1);
+        let added = u64::try_from(count).unwrap_or(u64::MAX);
         let kept = &mut self.counts[..self.counted];
-        if let Some((_, _, count)) = kept
+        if let Some((_, _, kept)) = kept
             .iter_mut()
             .find(|(s, o, _)| *s == slot.0 && *o == index)
         {
-            *count += 1;
+            *kept += added;
         } else if let Some(free) = self.counts.get_mut(self.counted) {
-            *free = (slot.0, index, 1);
+            *free = (slot.0, index, added);
             self.counted += 1;
         } else if let Some(counter) = self.metrics.counter(slot, index) {
-            counter.inc();
+            counter.inc_by(added);
         }
-        let seconds = took.as_secs_f64();
+        let seconds = (took / u32::try_from(count).unwrap_or(u32::MAX)).as_secs_f64();
         if let Some((_, local)) = self.durations.iter().find(|(s, _)| *s == slot.0) {
-            local.observe(seconds);
+            (0..count).for_each(|_| local.observe(seconds));
             return;
         }
+        let Some(histogram) = self.metrics.histogram(slot) else {
+            return;
+        };
         match self.first {
-            None => self.first = Some((slot.0, seconds)),
+            None if count == 1 => self.first = Some((slot.0, seconds)),
+            // A second request of the same command: a local histogram is
+            // worth it now.
             Some((first, earlier)) if first == slot.0 => {
-                if let Some(histogram) = self.metrics.histogram(slot) {
-                    let local = histogram.local();
-                    local.observe(earlier);
-                    local.observe(seconds);
-                    self.durations.push((slot.0, local));
-                }
+                let local = histogram.local();
+                local.observe(earlier);
+                (0..count).for_each(|_| local.observe(seconds));
+                self.durations.push((slot.0, local));
                 self.first = None;
+            }
+            None => {
+                let local = histogram.local();
+                (0..count).for_each(|_| local.observe(seconds));
+                self.durations.push((slot.0, local));
             }
             // Another command in the same batch, and its first: rare
             // enough to add directly.
-            Some(_) => {
-                if let Some(histogram) = self.metrics.histogram(slot) {
-                    histogram.observe(seconds);
-                }
-            }
+            Some(_) => (0..count).for_each(|_| histogram.observe(seconds)),
         }
     }
 }

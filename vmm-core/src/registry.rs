@@ -113,6 +113,10 @@ pub struct Registry {
     /// [`crate::metrics`] uses to find the command's counters without
     /// hashing its name again.
     commands: BTreeMap<&'static str, (usize, &'static Command)>,
+    /// The position of `ping` when it is the built-in one, which the
+    /// connection may answer without dispatching (see
+    /// [`Registry::quick_ping`]).
+    quick_ping: Option<usize>,
 }
 
 impl Registry {
@@ -137,11 +141,26 @@ impl Registry {
         for (index, entry) in map.values_mut().enumerate() {
             entry.0 = index;
         }
-        Ok(Registry { commands: map })
+        let quick_ping = map
+            .get("ping")
+            .filter(|(_, command)| crate::commands::ping::is_builtin(command))
+            .map(|&(index, _)| index);
+        Ok(Registry {
+            commands: map,
+            quick_ping,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&'static Command> {
         self.commands.get(name).map(|&(_, command)| command)
+    }
+
+    /// The position of `ping` in [`Registry::commands`] when the registered
+    /// `ping` is the built-in one, whose usual requests the connection then
+    /// answers itself, without decoding them; `None` when a program
+    /// registered a `ping` of its own (or none).
+    pub fn quick_ping(&self) -> Option<usize> {
+        self.quick_ping
     }
 
     /// The command and its position in [`Registry::commands`].
@@ -186,6 +205,26 @@ mod tests {
         summary: "",
         handler: nothing,
     };
+
+    static OTHER_PING: Command = Command {
+        name: "ping",
+        summary: "",
+        handler: nothing,
+    };
+
+    /// The connection answers pings itself only for the built-in `ping`.
+    #[test]
+    fn only_the_built_in_ping_is_answered_without_dispatch() {
+        let global = Registry::global().unwrap();
+        assert_eq!(
+            global.quick_ping(),
+            global.find("ping").map(|(index, _)| index)
+        );
+        assert!(global.quick_ping().is_some());
+        let own = Registry::from_commands([&A, &OTHER_PING]).unwrap();
+        assert_eq!(own.quick_ping(), None);
+        assert_eq!(Registry::from_commands([&A]).unwrap().quick_ping(), None);
+    }
 
     #[test]
     fn duplicate_names_are_an_error() {

@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::commands::ping;
 use crate::connection::{Connection, Head, Incoming, SendError};
 use crate::context::Context;
 use crate::descriptors::{self, Spare, Throttle};
@@ -709,7 +710,7 @@ async fn run(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     loop {
-        if conn.has_input() {
+        if conn.has_input() && answer_pings(conn, context, registry, last_input) {
             match Box::pin(answer_buffered(conn, context, registry, session)).await {
                 Flow::Continue => {}
                 Flow::Close => break,
@@ -813,6 +814,33 @@ async fn run(
     let _ = conn.flush().await;
 }
 
+/// Answers the usual pings at the front of the input (see
+/// `commands::ping`) here, without the boxed future and the dispatch of
+/// [`answer_buffered`]: most of a fleet's traffic, and on a connection that
+/// only pings, all of it. Returns whether anything else is left for
+/// [`answer_buffered`] (another request, the start of one, or more pings
+/// once the replies queued so far are sent). `since` is when the input
+/// arrived.
+fn answer_pings(
+    conn: &mut Connection,
+    context: &Context,
+    registry: &Registry,
+    since: Instant,
+) -> bool {
+    let Some(index) = registry.quick_ping() else {
+        return true;
+    };
+    let pings = conn.answer_lines(ping::answer);
+    if pings > 0 {
+        let slot = context.metrics.slot(Some(index));
+        context
+            .metrics
+            .tally()
+            .commands(slot, None, pings, since.elapsed());
+    }
+    conn.has_input()
+}
+
 /// Answers every request already buffered, in order. Replies are queued
 /// without waiting, and sent once no further request is buffered (by the
 /// caller) or once they are a batch's worth. A client that does not read
@@ -828,7 +856,27 @@ async fn answer_buffered(
     // the one before it (its decoding included): one clock read a request.
     let mut tally = context.metrics.tally();
     let mut mark = Instant::now();
-    while let Some(incoming) = conn.buffered_request() {
+    // Pings answered in a row without decoding (see `commands::ping`) are
+    // timed together: one clock read for the run, not one per ping.
+    let quick_ping = registry.quick_ping();
+    loop {
+        let pings = match quick_ping {
+            Some(_) => conn.answer_lines(ping::answer),
+            None => 0,
+        };
+        if pings > 0 {
+            let now = Instant::now();
+            tally.commands(context.metrics.slot(quick_ping), None, pings, now - mark);
+            mark = now;
+            if conn.backlogged() && conn.flush().await.is_err() {
+                tracing::info!("the client does not read its replies, disconnecting");
+                return Flow::Close;
+            }
+            continue;
+        }
+        let Some(incoming) = conn.buffered_request() else {
+            break;
+        };
         let queued = match incoming {
             Incoming::TooLarge => {
                 tracing::info!(

@@ -7,7 +7,7 @@ mod authenticate;
 mod help;
 mod list;
 mod logout;
-mod ping;
+pub(crate) mod ping;
 mod register;
 mod revoke;
 mod stats;
