@@ -270,13 +270,25 @@ impl FrameDecoder {
     /// each whole line in turn (trimmed of leading whitespace, without its
     /// newline) while it returns true, and the lines it took are removed
     /// from `buf` at once. Returns how many it took.
-    pub fn take_lines(&mut self, buf: &mut BytesMut, mut take: impl FnMut(&[u8]) -> bool) -> usize {
+    pub fn take_lines(&mut self, buf: &mut BytesMut, take: impl FnMut(&[u8]) -> bool) -> usize {
+        let (taken, used) = self.take_lines_of(buf, take);
+        buf.advance(used);
+        taken
+    }
+
+    /// [`FrameDecoder::take_lines`] over input that is not kept: returns how
+    /// many lines were taken and how many bytes of `input` they were.
+    fn take_lines_of(
+        &mut self,
+        input: &[u8],
+        mut take: impl FnMut(&[u8]) -> bool,
+    ) -> (usize, usize) {
         if self.overflowed || self.skipping_line || self.kind.is_some() {
-            return 0;
+            return (0, 0);
         }
         let (mut taken, mut at) = (0, 0);
         loop {
-            let rest = &buf[at..];
+            let rest = &input[at..];
             let Some(start) = rest.iter().position(|&b| !is_json_whitespace(b)) else {
                 break;
             };
@@ -293,8 +305,7 @@ impl FrameDecoder {
             taken += 1;
             at += start + end + 1;
         }
-        buf.advance(at);
-        taken
+        (taken, at)
     }
 
     /// Skips the rest of the current line: what follows a value that turned
@@ -475,6 +486,24 @@ pub struct Connection {
     partial_since: Option<Instant>,
     /// How long a write may stay blocked on a client that does not read.
     write_timeout: Option<Duration>,
+    /// Answers the requests it recognises without their being decoded (see
+    /// [`Connection::answer_quickly`]).
+    quick: Option<Quick>,
+    /// Requests `quick` answered that [`Connection::answer_quick`] has not
+    /// counted yet.
+    answered: usize,
+}
+
+/// Recognises a request line (without its newline) and queues its reply, or
+/// says it did not: see [`Connection::answer_quickly`].
+pub type Quick = fn(&[u8], &mut Vec<u8>) -> bool;
+
+thread_local! {
+    /// What a plain TCP connection with nothing buffered reads into: requests
+    /// that [`Quick`] answers are answered from here, so a connection that
+    /// only sends those never allocates a read buffer of its own.
+    static SCRATCH: std::cell::RefCell<[u8; READ_CHUNK]> =
+        const { std::cell::RefCell::new([0; READ_CHUNK]) };
 }
 
 impl fmt::Debug for Connection {
@@ -544,7 +573,17 @@ impl Connection {
             request_timeout: None,
             partial_since: None,
             write_timeout: None,
+            quick: None,
+            answered: 0,
         }
+    }
+
+    /// Lets `quick` answer the requests it recognises without their being
+    /// decoded: lines at the front of the input, including as they are read
+    /// (see [`Connection::answer_quick`]). Their replies are queued in order
+    /// with every other.
+    pub fn answer_quickly(&mut self, quick: Quick) {
+        self.quick = Some(quick);
     }
 
     /// Sets [`Connection::request_deadline`]: a request that has started
@@ -598,22 +637,23 @@ impl Connection {
         }
     }
 
-    /// Answers the buffered requests at the front of the input without
-    /// decoding them, while each is a whole line that `answer` recognises:
-    /// `answer` is given the line (without its newline) and the queue of
-    /// replies, and says whether it queued the reply. Stops at the first
-    /// line it does not recognise, which stays buffered for
-    /// [`Connection::buffered_request`], or once the replies queued are
-    /// [`Connection::backlogged`]. Returns how many it answered.
-    pub fn answer_lines(&mut self, mut answer: impl FnMut(&[u8], &mut Vec<u8>) -> bool) -> usize {
-        let out = &mut self.out;
-        let answered = self.decoder.take_lines(&mut self.buffer, |line| {
-            out.len() < crate::listing::BATCH_BYTES && answer(line, out)
-        });
-        if answered > 0 {
-            self.partial_since = None;
+    /// Answers the buffered requests at the front of the input that the
+    /// [`Quick`] recognises, until one it does not (which stays buffered
+    /// for [`Connection::buffered_request`]) or until the replies queued are
+    /// [`Connection::backlogged`]. Returns how many requests it answered
+    /// since the last call, those it answered as they were read included.
+    pub fn answer_quick(&mut self) -> usize {
+        if let Some(quick) = self.quick {
+            let out = &mut self.out;
+            let answered = self.decoder.take_lines(&mut self.buffer, |line| {
+                out.len() < crate::listing::BATCH_BYTES && quick(line, out)
+            });
+            if answered > 0 {
+                self.partial_since = None;
+            }
+            self.answered += answered;
         }
-        answered
+        std::mem::take(&mut self.answered)
     }
 
     /// Whether input is buffered: a request, or the start of one.
@@ -667,6 +707,24 @@ impl Connection {
         match &mut self.reader {
             Reader::Tcp(tcp) => loop {
                 tcp.readable().await?;
+                if let Some(quick) = self.quick
+                    && self.buffer.is_empty()
+                {
+                    let read = SCRATCH.with_borrow_mut(|scratch| -> io::Result<usize> {
+                        let n = tcp.try_read(scratch)?;
+                        let out = &mut self.out;
+                        let (answered, used) = self.decoder.take_lines_of(&scratch[..n], |line| {
+                            out.len() < crate::listing::BATCH_BYTES && quick(line, out)
+                        });
+                        self.answered += answered;
+                        self.buffer.extend_from_slice(&scratch[used..n]);
+                        Ok(n)
+                    });
+                    match read {
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                        read => return read,
+                    }
+                }
                 self.buffer.reserve(READ_CHUNK);
                 match tcp.try_read_buf(&mut self.buffer) {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,

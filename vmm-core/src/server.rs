@@ -693,6 +693,9 @@ async fn run(
     stop: &mut broadcast::Receiver<()>,
 ) {
     tracing::debug!("connected");
+    if registry.quick_ping().is_some() {
+        conn.answer_quickly(ping::answer);
+    }
     let idle_timeout = context.config.idle_timeout;
     let mut last_input = Instant::now();
     // Made once, not per request: waiting registers it with the channel
@@ -710,7 +713,7 @@ async fn run(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     loop {
-        if conn.has_input() && answer_pings(conn, context, registry, last_input) {
+        if answer_pings(conn, context, registry, last_input) {
             match Box::pin(answer_buffered(conn, context, registry, session)).await {
                 Flow::Continue => {}
                 Flow::Close => break,
@@ -827,12 +830,9 @@ fn answer_pings(
     registry: &Registry,
     since: Instant,
 ) -> bool {
-    let Some(index) = registry.quick_ping() else {
-        return true;
-    };
-    let pings = conn.answer_lines(ping::answer);
+    let pings = conn.answer_quick();
     if pings > 0 {
-        let slot = context.metrics.slot(Some(index));
+        let slot = context.metrics.slot(registry.quick_ping());
         context
             .metrics
             .tally()
@@ -858,15 +858,12 @@ async fn answer_buffered(
     let mut mark = Instant::now();
     // Pings answered in a row without decoding (see `commands::ping`) are
     // timed together: one clock read for the run, not one per ping.
-    let quick_ping = registry.quick_ping();
     loop {
-        let pings = match quick_ping {
-            Some(_) => conn.answer_lines(ping::answer),
-            None => 0,
-        };
+        let pings = conn.answer_quick();
         if pings > 0 {
             let now = Instant::now();
-            tally.commands(context.metrics.slot(quick_ping), None, pings, now - mark);
+            let slot = context.metrics.slot(registry.quick_ping());
+            tally.commands(slot, None, pings, now - mark);
             mark = now;
             if conn.backlogged() && conn.flush().await.is_err() {
                 tracing::info!("the client does not read its replies, disconnecting");
