@@ -173,6 +173,15 @@ pub struct Options {
     #[arg(long, global = true)]
     pub no_limit: bool,
 
+    /// Ping workloads: measure the limit server and then the server this
+    /// many times in turn, each for the workload's time, and give the
+    /// median of the rounds' ratios. On a machine whose speed drifts (a
+    /// virtual machine, other load), one round's ratio moves by ±10
+    /// points; the median of several, each of two runs side by side in
+    /// time, moves far less.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+
     /// Print one JSON document instead of the table.
     #[arg(long, global = true)]
     pub json: bool,

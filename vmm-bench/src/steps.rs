@@ -423,41 +423,60 @@ impl Bench {
             count_items: false,
             ping_beside: false,
         };
-        let mut limit = None;
-        if !self.options.no_limit {
-            // The limit server's ends of the connections are in this process too.
-            net::check_nofile(2 * conns)?;
-            let canned = Canned::start(self.split.as_ref()).await?;
-            let dialer = Dialer::new(canned.addr, PER_ADDRESS, self.timeout);
-            let m = self.measure(&dialer, &load, None).await?;
-            if let Some(failure) = canned.pin_failure() {
-                return Err(BenchError::new(format!(
-                    "the limit server could not be placed on the servers' CPUs: {failure}"
-                )));
+        let rounds = if self.options.no_limit {
+            1
+        } else {
+            self.options.rounds.max(1)
+        };
+        let mut ratios = Vec::new();
+        for _ in 0..rounds {
+            let mut limit = None;
+            if !self.options.no_limit {
+                // The limit server's ends of the connections are in this process too.
+                net::check_nofile(2 * conns)?;
+                let canned = Canned::start(self.split.as_ref()).await?;
+                let dialer = Dialer::new(canned.addr, PER_ADDRESS, self.timeout);
+                let m = self.measure(&dialer, &load, None).await?;
+                if let Some(failure) = canned.pin_failure() {
+                    return Err(BenchError::new(format!(
+                        "the limit server could not be placed on the servers' CPUs: {failure}"
+                    )));
+                }
+                drop(canned);
+                let tallies: Vec<&Tally> = m.tallies.iter().collect();
+                let limit_row = row("ping", "limit", pipeline, &tallies, m.elapsed);
+                limit = Some(limit_row.rate).filter(|rate| *rate > 0.0);
+                self.report.rows.push(limit_row);
             }
-            drop(canned);
+            let m = self
+                .measure(&self.dialer(PER_ADDRESS), &load, self.server_pid)
+                .await?;
             let tallies: Vec<&Tally> = m.tallies.iter().collect();
-            let limit_row = row("ping", "limit", pipeline, &tallies, m.elapsed);
-            limit = Some(limit_row.rate).filter(|rate| *rate > 0.0);
-            self.report.rows.push(limit_row);
+            let mut server_row = row("ping", "server", pipeline, &tallies, m.elapsed);
+            server_row.ratio_to_limit = limit.map(|limit| server_row.rate / limit);
+            server_row.rss = Some(m.rss);
+            if let Some(ratio) = server_row.ratio_to_limit {
+                ratios.push((ratio, server_row.rate));
+            }
+            self.report.rows.push(server_row);
         }
-        let m = self
-            .measure(&self.dialer(PER_ADDRESS), &load, self.server_pid)
-            .await?;
-        let tallies: Vec<&Tally> = m.tallies.iter().collect();
-        let mut server_row = row("ping", "server", pipeline, &tallies, m.elapsed);
-        server_row.ratio_to_limit = limit.map(|limit| server_row.rate / limit);
-        server_row.rss = Some(m.rss);
-        if let Some(ratio) = server_row.ratio_to_limit {
+        if let Some((ratio, rate)) = median(&mut ratios) {
+            let each = if ratios.len() > 1 {
+                let each: Vec<String> = ratios
+                    .iter()
+                    .map(|(ratio, _)| format!("{:.1}%", ratio * 100.0))
+                    .collect();
+                format!(", median of {} rounds: {}", ratios.len(), each.join(" "))
+            } else {
+                String::new()
+            };
             self.report.notes.push(format!(
-                "ping {conns} conns x {pipeline}: {:.0}/s, {:.1}% of the limit's {:.0}/s \
-                 (target ≥ 95%)",
-                server_row.rate,
+                "ping {conns} conns x {pipeline}: {rate:.0}/s, {:.1}% of the limit's {:.0}/s \
+                 (target ≥ 95%){each}",
                 ratio * 100.0,
-                server_row.rate / ratio
+                rate / ratio
             ));
         }
-        self.report.rows.push(server_row);
         Ok(())
     }
 
@@ -751,5 +770,26 @@ impl Bench {
                 .push(format!("idle: {conns} connections: server RSS n/a")),
         }
         Ok(())
+    }
+}
+
+/// The median round by its ratio (the upper one of an even count), with
+/// its rate; sorts `ratios`.
+fn median(ratios: &mut [(f64, f64)]) -> Option<(f64, f64)> {
+    ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+    ratios.get(ratios.len() / 2).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_round_is_the_middle_ratio_with_its_own_rate() {
+        assert_eq!(median(&mut []), None);
+        let mut rounds = [(0.9, 90.0), (1.2, 120.0), (0.8, 80.0)];
+        assert_eq!(median(&mut rounds), Some((0.9, 90.0)));
+        let mut even = [(1.0, 1.0), (0.5, 2.0), (0.7, 3.0), (2.0, 4.0)];
+        assert_eq!(median(&mut even), Some((1.0, 1.0)));
     }
 }
