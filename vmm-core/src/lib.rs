@@ -39,6 +39,8 @@
 //! - [`context`]: what handlers share: [`Config`], store, sessions, hasher.
 //! - [`server`]: [`serve`], the accept loop with its connection limit and
 //!   graceful shutdown.
+//! - [`shutdown`]: the stop signal every connection waits on, without a
+//!   lock shared by all of them.
 //! - [`descriptors`]: the open-file limit: raising it, fitting the
 //!   connection limit under it, and refusing clients when it is reached.
 //! - [`metrics`]: this instance's Prometheus metrics, in a registry of its
@@ -103,6 +105,7 @@ mod retention;
 pub mod secrets;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod stats;
 pub mod store;
 mod task;

@@ -3,9 +3,10 @@
 //! Each connection runs in its own task with its own tracing span. A
 //! semaphore caps open connections (lowered to fit the open-file limit, see
 //! [`crate::descriptors`]): one more is answered `server_busy` and closed.
-//! Shutdown is a broadcast: the accept loop stops, every connection
-//! finishes the request it is executing (and those it has already received),
-//! and after `shutdown_grace` whatever is left is aborted.
+//! Shutdown is a signal that every connection waits on ([`crate::shutdown`]):
+//! the accept loop stops, every connection finishes the request it is
+//! executing (and those it has already received), and after
+//! `shutdown_grace` whatever is left is aborted.
 //!
 //! With the PROXY protocol on ([`crate::proxy_protocol`]), a connection is
 //! placed only once its header is read: the per-address limit and the
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -35,6 +36,7 @@ use crate::protocol::{ErrorCode, Reply, Request};
 use crate::proxy_protocol::{self, Arrival, Rewound};
 use crate::registry::{HandlerFuture, Registry};
 use crate::session::{Lagged, Session};
+use crate::shutdown::{Shutdown, Stop};
 use crate::store::SetupError;
 
 /// Serves `listener` until `shutdown` completes, then drains gracefully.
@@ -56,7 +58,7 @@ pub async fn serve(
     // read a PROXY header; a task that does refuses, then ends, which wakes
     // this loop up to log what is due.
     let repeated = Arc::new(Mutex::new(Repeated::default()));
-    let (stop, _) = broadcast::channel::<()>(1);
+    let stop = Shutdown::new();
     let mut tasks = JoinSet::new();
     let per_ip = Arc::new(PerIp::default());
     let presence = crate::presence::maintain(Arc::clone(&context));
@@ -144,7 +146,7 @@ pub async fn serve(
                             repeated: Arc::clone(&repeated),
                         });
                         let context = Arc::clone(&context);
-                        let mut stop = stop.subscribe();
+                        let stop = stop.subscribe();
                         tasks.spawn(
                             async move {
                                 let _connected = crate::metrics::Connected::new(&context.metrics);
@@ -157,7 +159,7 @@ pub async fn serve(
                                 else {
                                     return;
                                 };
-                                run(&mut conn, &context, registry, &mut session, &mut stop).await;
+                                run(&mut conn, &context, registry, &mut session, &stop).await;
                                 finish(&context, session);
                                 drop((permit, from_ip));
                             }
@@ -175,7 +177,7 @@ pub async fn serve(
     }
 
     drop(listener);
-    let _ = stop.send(());
+    stop.stop();
     let open = tasks.len();
     if open > 0 {
         tracing::info!(
@@ -690,7 +692,7 @@ async fn run(
     context: &Context,
     registry: &'static Registry,
     session: &mut Session,
-    stop: &mut broadcast::Receiver<()>,
+    stop: &Stop,
 ) {
     tracing::debug!("connected");
     if registry.quick_ping().is_some() {
@@ -698,9 +700,7 @@ async fn run(
     }
     let idle_timeout = context.config.idle_timeout;
     let mut last_input = Instant::now();
-    // Made once, not per request: waiting registers it with the channel
-    // that every connection shares.
-    let stopped = stop.recv();
+    let stopped = stop.stopped();
     tokio::pin!(stopped);
     // One timer for every deadline, since each costs memory in every
     // connection: the idle timeout (only the client's own input counts), the
