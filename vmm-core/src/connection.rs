@@ -267,17 +267,10 @@ impl FrameDecoder {
     }
 
     /// [`FrameDecoder::decode_line_with`] for a run of lines: `take` is given
-    /// each whole line in turn (trimmed of leading whitespace, without its
-    /// newline) while it returns true, and the lines it took are removed
-    /// from `buf` at once. Returns how many it took.
-    pub fn take_lines(&mut self, buf: &mut BytesMut, take: impl FnMut(&[u8]) -> bool) -> usize {
-        let (taken, used) = self.take_lines_of(buf, take);
-        buf.advance(used);
-        taken
-    }
-
-    /// [`FrameDecoder::take_lines`] over input that is not kept: returns how
-    /// many lines were taken and how many bytes of `input` they were.
+    /// each whole line at the front of `input` in turn (trimmed of leading
+    /// whitespace, without its newline) while it returns true. Returns how
+    /// many lines it took, and how many bytes of `input` they were, for the
+    /// caller to remove.
     fn take_lines_of(
         &mut self,
         input: &[u8],
@@ -498,6 +491,20 @@ pub struct Connection {
 /// says it did not: see [`Connection::answer_quickly`].
 pub type Quick = fn(&[u8], &mut Vec<u8>) -> bool;
 
+/// Answers the whole lines at the front of `input` that `quick` recognises,
+/// while fewer than a batch of replies are queued in `out`: how many, and
+/// how many bytes of `input` they were.
+fn answer_with(
+    quick: Quick,
+    decoder: &mut FrameDecoder,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> (usize, usize) {
+    decoder.take_lines_of(input, |line| {
+        out.len() < crate::listing::BATCH_BYTES && quick(line, out)
+    })
+}
+
 thread_local! {
     /// What a plain TCP connection with nothing buffered reads into: requests
     /// that [`Quick`] answers are answered from here, so a connection that
@@ -644,10 +651,9 @@ impl Connection {
     /// since the last call, those it answered as they were read included.
     pub fn answer_quick(&mut self) -> usize {
         if let Some(quick) = self.quick {
-            let out = &mut self.out;
-            let answered = self.decoder.take_lines(&mut self.buffer, |line| {
-                out.len() < crate::listing::BATCH_BYTES && quick(line, out)
-            });
+            let (answered, used) =
+                answer_with(quick, &mut self.decoder, &self.buffer, &mut self.out);
+            self.buffer.advance(used);
             if answered > 0 {
                 self.partial_since = None;
             }
@@ -712,10 +718,8 @@ impl Connection {
                 {
                     let read = SCRATCH.with_borrow_mut(|scratch| -> io::Result<usize> {
                         let n = tcp.try_read(scratch)?;
-                        let out = &mut self.out;
-                        let (answered, used) = self.decoder.take_lines_of(&scratch[..n], |line| {
-                            out.len() < crate::listing::BATCH_BYTES && quick(line, out)
-                        });
+                        let (answered, used) =
+                            answer_with(quick, &mut self.decoder, &scratch[..n], &mut self.out);
                         self.answered += answered;
                         self.buffer.extend_from_slice(&scratch[used..n]);
                         Ok(n)
@@ -1088,23 +1092,26 @@ mod tests {
     }
 
     /// [`requests`], and when `runs`, whole lines taken in runs by
-    /// [`FrameDecoder::take_lines`] first, as the connection answers pings.
+    /// [`FrameDecoder::take_lines_of`] first, as the connection answers pings.
     fn requests_taking(input: &[u8], split: usize, by_line: bool, runs: bool) -> Vec<String> {
         let mut decoder = FrameDecoder::new(200);
         let mut buf = BytesMut::from(&input[..split]);
         let mut got = Vec::new();
         for more in [&input[split..], &[][..]] {
             loop {
-                if runs
-                    && decoder.take_lines(&mut buf, |line| match Request::from_line(line) {
-                        Some(request) => {
-                            got.push(format!("{:?}", RawFrame::Value(request)));
-                            true
-                        }
-                        None => false,
-                    }) > 0
-                {
-                    continue;
+                if runs {
+                    let (taken, used) =
+                        decoder.take_lines_of(&buf, |line| match Request::from_line(line) {
+                            Some(request) => {
+                                got.push(format!("{:?}", RawFrame::Value(request)));
+                                true
+                            }
+                            None => false,
+                        });
+                    buf.advance(used);
+                    if taken > 0 {
+                        continue;
+                    }
                 }
                 if by_line
                     && let Some(request) = decoder.decode_line_with(&mut buf, Request::from_line)
