@@ -276,6 +276,17 @@ fn docker_container() -> Result<String, String> {
 
 /// `url` with its database replaced by `dbname`.
 /// `url` (a URL or key=value connection string) as user `user`.
+/// A listener on a port of its own on 127.0.0.1, and its address.
+pub async fn bind_local() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|err| fail(format!("cannot bind 127.0.0.1:0: {err}")));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|err| fail(err.to_string()));
+    (listener, addr)
+}
+
 pub fn with_user(url: &str, user: &str) -> String {
     for scheme in ["postgres://", "postgresql://"] {
         if let Some(rest) = url.strip_prefix(scheme) {
@@ -353,12 +364,7 @@ impl DbProxy {
         };
         let upstream = Arc::new(upstream);
         let user = config.get_user().unwrap_or("postgres").to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|err| fail(format!("cannot bind the proxy: {err}")));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|err| fail(err.to_string()));
+        let (listener, addr) = bind_local().await;
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let links = Arc::new(std::sync::Mutex::new(Vec::new()));
         let accept = {
@@ -560,12 +566,7 @@ impl TestServer {
             ..Config::default()
         };
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|err| fail(format!("cannot bind: {err}")));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|err| fail(err.to_string()));
+        let (listener, addr) = bind_local().await;
         if config.instance_name.is_empty() {
             config.instance_name = addr.to_string();
         }
@@ -619,12 +620,7 @@ impl TestServer {
     /// Serves this server's `/metrics`, `/healthz` and `/readyz` on a port
     /// of their own until the test ends, as `--metrics-listen` does.
     pub async fn metrics_listener(&self) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|err| fail(format!("cannot bind: {err}")));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|err| fail(err.to_string()));
+        let (listener, addr) = bind_local().await;
         tokio::spawn(vmm_core::health::serve(
             listener,
             Arc::clone(&self.context),
