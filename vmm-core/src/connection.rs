@@ -711,30 +711,38 @@ impl Connection {
             self.buffer = BytesMut::new();
         }
         match &mut self.reader {
-            Reader::Tcp(tcp) => loop {
-                tcp.readable().await?;
+            // `poll_read`, not `readable` + `try_read`: a read that does not
+            // fill the buffer has drained the socket, and `poll_read` then
+            // forgets the readiness, so the next wait goes straight to epoll
+            // instead of making a `recv` that can only say "would block".
+            // That is one system call in two for a client waiting on each
+            // reply.
+            Reader::Tcp(tcp) => {
                 if let Some(quick) = self.quick
                     && self.buffer.is_empty()
                 {
-                    let read = SCRATCH.with_borrow_mut(|scratch| -> io::Result<usize> {
-                        let n = tcp.try_read(scratch)?;
-                        let (answered, used) =
-                            answer_with(quick, &mut self.decoder, &scratch[..n], &mut self.out);
-                        self.answered += answered;
-                        self.buffer.extend_from_slice(&scratch[used..n]);
-                        Ok(n)
-                    });
-                    match read {
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                        read => return read,
-                    }
+                    let (decoder, out, buffer) =
+                        (&mut self.decoder, &mut self.out, &mut self.buffer);
+                    let answered = &mut self.answered;
+                    return std::future::poll_fn(|cx| {
+                        // The scratch is borrowed within one poll only: what
+                        // a poll reads, it answers or copies out before it
+                        // returns.
+                        SCRATCH.with_borrow_mut(|scratch| {
+                            let mut read = tokio::io::ReadBuf::new(scratch);
+                            std::task::ready!(Pin::new(&mut *tcp).poll_read(cx, &mut read))?;
+                            let input = read.filled();
+                            let (count, used) = answer_with(quick, decoder, input, out);
+                            *answered += count;
+                            buffer.extend_from_slice(&input[used..]);
+                            Poll::Ready(Ok(input.len()))
+                        })
+                    })
+                    .await;
                 }
                 self.buffer.reserve(READ_CHUNK);
-                match tcp.try_read_buf(&mut self.buffer) {
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                    read => return read,
-                }
-            },
+                tcp.read_buf(&mut self.buffer).await
+            }
             Reader::Other(reader) => {
                 self.buffer.reserve(READ_CHUNK);
                 reader.read_buf(&mut self.buffer).await
