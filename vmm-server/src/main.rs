@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, fmt};
 
 /// jemalloc gives freed memory back to the OS (dirty pages within about 10 s,
 /// blocks over 8 MiB at once), so a burst of work does not leave the process
@@ -149,23 +152,46 @@ struct Args {
     log_format: LogFormat,
 }
 
+/// The filter for `RUST_LOG`'s directives, or the default ones when it is
+/// unset or invalid: refinery logs each migration it applies, as does
+/// `Store::migrate` (with the version's name), and one line each is enough.
+///
+/// Directives of targets and levels only (all but span and field filters)
+/// become a [`Targets`] filter. [`EnvFilter`] takes a lock that all threads
+/// share each time a span is entered and left, and each connection's task
+/// enters its span every time it runs: for a fleet that pings, two
+/// acquisitions of one lock, from every core, per request. Span and field
+/// filters still work, through [`EnvFilter`].
+fn log_filter(directives: Option<&str>) -> (Option<Targets>, Option<EnvFilter>) {
+    const DEFAULT: &str = "info,refinery_core=warn";
+    let directives = directives.filter(|given| !given.trim().is_empty());
+    let directives = match directives {
+        Some(given) if EnvFilter::try_new(given).is_ok() => given,
+        _ => DEFAULT,
+    };
+    // Span and field filters are written in brackets, which no target has
+    // (and which `Targets` would take for part of a target's name).
+    let targets = (!directives.contains('['))
+        .then(|| directives.parse::<Targets>().ok())
+        .flatten();
+    match targets {
+        Some(targets) => (Some(targets), None),
+        None => (None, EnvFilter::try_new(directives).ok()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    // refinery logs each migration it applies, as does `Store::migrate`
-    // (with the version's name): one line each is enough.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
+    let (targets, dynamic) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     // Logs are diagnostics: stderr, as services are expected to write them,
     // with colour only for a person at a terminal who has not opted out.
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour);
+    let logs = tracing_subscriber::registry().with(targets).with(dynamic);
+    let text = fmt::layer().with_writer(std::io::stderr).with_ansi(colour);
     match args.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with(text).init(),
+        LogFormat::Json => logs.with(text.json()).init(),
     }
     let proxy_protocol = proxy_protocol(&args);
     // Before anything is opened: every connection is a descriptor, and
@@ -407,5 +433,60 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
         () = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::log_filter;
+
+    #[test]
+    fn targets_and_levels_are_filtered_without_env_filter() {
+        let (targets, dynamic) = log_filter(Some("vmm_core=debug,warn"));
+        let targets = targets.expect("plain directives make a Targets filter");
+        assert!(dynamic.is_none());
+        assert!(targets.would_enable("vmm_core::server", &Level::DEBUG));
+        assert!(!targets.would_enable("vmm_core::server", &Level::TRACE));
+        assert!(targets.would_enable("tokio_postgres", &Level::WARN));
+        assert!(!targets.would_enable("tokio_postgres", &Level::INFO));
+    }
+
+    #[test]
+    fn span_and_field_filters_still_work_through_env_filter() {
+        for directives in [
+            "[connection]=debug",
+            "info,[connection{peer=\"10.0.0.1:5000\"}]=trace",
+        ] {
+            let (targets, dynamic) = log_filter(Some(directives));
+            assert!(targets.is_none(), "{directives}");
+            assert!(dynamic.is_some(), "{directives}");
+        }
+    }
+
+    #[test]
+    fn unset_empty_or_invalid_directives_log_info_without_refinery() {
+        for directives in [None, Some(""), Some("  "), Some("vmm_core=loud")] {
+            let (targets, dynamic) = log_filter(directives);
+            let targets = targets.expect("the default is a Targets filter");
+            assert!(dynamic.is_none());
+            assert!(
+                targets.would_enable("vmm_core", &Level::INFO),
+                "{directives:?}"
+            );
+            assert!(
+                !targets.would_enable("vmm_core", &Level::DEBUG),
+                "{directives:?}"
+            );
+            assert!(
+                !targets.would_enable("refinery_core::runner", &Level::INFO),
+                "{directives:?}"
+            );
+            assert!(
+                targets.would_enable("refinery_core::runner", &Level::WARN),
+                "{directives:?}"
+            );
+        }
     }
 }
