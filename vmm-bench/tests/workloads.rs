@@ -88,6 +88,25 @@ async fn seeded_vms_are_listed_by_every_list_workload() {
         .collect();
     assert_eq!(bench_vms.len(), 50);
     assert!(bench_vms.iter().all(|vm| vm.vm.disks.len() == 2));
+    // And analysed, as autovacuum would have: `COPY` leaves `reltuples` at
+    // -1, "never counted", and the lists' plans with it.
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    let counted = db
+        .query_one(
+            "SELECT (SELECT reltuples FROM pg_class WHERE oid = 'vms'::regclass), \
+                    (SELECT reltuples FROM pg_class WHERE oid = 'disks'::regclass)",
+            &[],
+        )
+        .await
+        .expect("read the tables' statistics");
+    let (vms, disks): (f32, f32) = (counted.get(0), counted.get(1));
+    assert!(
+        vms >= 50.0 && disks >= 100.0,
+        "reltuples: vms {vms}, disks {disks}"
+    );
 
     // Again: nothing to add.
     let again = bench(
