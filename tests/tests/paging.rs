@@ -89,6 +89,30 @@ async fn paging_visits_every_vm_and_disk_exactly_once() {
         paged, whole,
         "pages in key order give the whole list, once each"
     );
+    // Entry for entry, disks included: pages and the whole list are read
+    // by different statements.
+    let whole_entries = conn
+        .call(json!({"command": "list", "data": {"list_type": "all_vms"}}))
+        .await;
+    // A connected VM's last_seen_at moves with its requests.
+    let settled = |vm: &Value| {
+        let mut vm = vm.clone();
+        if vm["connected"] == true {
+            vm["last_seen_at"] = Value::Null;
+        }
+        vm
+    };
+    let paged_entries: Vec<Value> = vm_pages.iter().flatten().map(settled).collect();
+    let whole_entries: Vec<Value> = ok(&whole_entries)["all_vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(settled)
+        .collect();
+    assert_eq!(paged_entries.len(), whole_entries.len());
+    for (paged, whole) in paged_entries.iter().zip(&whole_entries) {
+        assert_eq!(paged, whole, "a page's entry differs from the whole list's");
+    }
     let first = &vm_pages[0][0];
     assert_eq!(first["vm_id"], "fleet-000001");
     assert_eq!(first["disks"].as_array().unwrap().len(), 2);

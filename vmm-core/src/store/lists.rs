@@ -19,20 +19,41 @@ use crate::store::SessionInfo;
 
 /// Every row's columns of a VM, one row per disk (or one with NULL disk
 /// columns for a VM without disks), in key order; [`VmRows`] groups them.
-/// Disks come through a merge join on `disks (vm_id, id)`, which is twice as
-/// fast for the whole fleet as aggregating them into arrays per VM.
-/// `remote_authenticated`: NULL when no other instance has a session bound
-/// to the VM, else whether one of them is authenticated.
-const VM_PAGE: &str = "\
-    SELECT v.vm_id, v.ram, v.cpu, v.created_at, v.updated_at, v.last_seen_at, \
-           d.id AS disk_id, d.disk_size, r.authenticated AS remote_authenticated \
-    FROM (SELECT * FROM vms WHERE vm_id > $1 ORDER BY vm_id LIMIT $2) v \
-    LEFT JOIN disks d ON d.vm_id = v.vm_id \
-    LEFT JOIN (SELECT s.vm_id, bool_or(s.authenticated_at IS NOT NULL) AS authenticated \
-               FROM sessions s JOIN instances i ON i.id = s.instance_id \
-               WHERE i.expires_at > now() AND s.instance_id <> $3 AND s.vm_id IS NOT NULL \
-               GROUP BY s.vm_id) r ON r.vm_id = v.vm_id \
-    ORDER BY v.vm_id, d.id";
+/// `$disks` joins each VM's disks as `d`. `remote_authenticated`: NULL when
+/// no other instance has a session bound to the VM, else whether one of
+/// them is authenticated.
+macro_rules! vm_rows {
+    ($disks:literal) => {
+        concat!(
+            "SELECT v.vm_id, v.ram, v.cpu, v.created_at, v.updated_at, v.last_seen_at, \
+                    d.id AS disk_id, d.disk_size, r.authenticated AS remote_authenticated \
+             FROM (SELECT * FROM vms WHERE vm_id > $1 ORDER BY vm_id LIMIT $2) v ",
+            $disks,
+            " LEFT JOIN (SELECT s.vm_id, bool_or(s.authenticated_at IS NOT NULL) AS authenticated \
+                         FROM sessions s JOIN instances i ON i.id = s.instance_id \
+                         WHERE i.expires_at > now() AND s.instance_id <> $3 \
+                           AND s.vm_id IS NOT NULL \
+                         GROUP BY s.vm_id) r ON r.vm_id = v.vm_id \
+             ORDER BY v.vm_id, d.id"
+        )
+    };
+}
+
+/// The whole list (no `limit`): disks through a merge join on
+/// `disks (vm_id, id)`, which is twice as fast for the whole fleet as
+/// aggregating them into arrays per VM, and twice as fast as looking up
+/// each VM's disks.
+const VM_ALL: &str = vm_rows!("LEFT JOIN disks d ON d.vm_id = v.vm_id");
+
+/// A page (at most 10,000 VMs): each VM's disks looked up in
+/// `disks (vm_id, id)`. Given a join, the planner reads the whole disks
+/// table for every page rather than make a thousand lookups (a seq scan and
+/// a hash join: 30 ms a page of 1,000 at 100,000 VMs, against 3 ms here);
+/// the lateral subquery, ordered, cannot be turned into that join.
+const VM_PAGE: &str = vm_rows!(
+    "LEFT JOIN LATERAL (SELECT id, disk_size FROM disks \
+                        WHERE disks.vm_id = v.vm_id ORDER BY id) d ON true"
+);
 const VM_COUNT: &str =
     "SELECT count(*) FROM (SELECT 1 FROM vms WHERE vm_id > $1 ORDER BY vm_id LIMIT $2) p";
 
@@ -196,7 +217,7 @@ pub struct VmPage {
     pub rows: VmRows,
 }
 
-/// VMs grouped from [`VM_PAGE`]'s rows, one disk per row.
+/// VMs grouped from [`VM_ALL`]'s or [`VM_PAGE`]'s rows, one disk per row.
 #[derive(Debug)]
 pub struct VmRows {
     rows: Rows,
@@ -350,8 +371,13 @@ impl Store {
             .await?;
         let (count, more) = page.fit(available);
         let limit = i64::try_from(count).unwrap_or(i64::MAX);
+        let sql = if page.limit.is_some() {
+            VM_PAGE
+        } else {
+            VM_ALL
+        };
         let rows = snapshot
-            .rows(VM_PAGE, &[&page.after, &limit, &my_instance_id])
+            .rows(sql, &[&page.after, &limit, &my_instance_id])
             .await?;
         Ok(VmPage {
             count,
