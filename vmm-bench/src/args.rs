@@ -52,6 +52,10 @@ pub enum Workload {
     /// The lists of --lists at once: connection n loops the n-th of them
     /// (round robin).
     Lists,
+    /// Every page of each of --lists in turn, `limit` --page-size, on one
+    /// connection; fails unless each entry comes exactly once and the pages
+    /// hold as many as one full list. The fleet must not change meanwhile.
+    Pages,
     /// Opens --conns connections that ping once and stay idle: the
     /// server's RSS per connection.
     Idle,
@@ -67,8 +71,8 @@ pub enum Scenario {
     /// The figures the project tracks: ping at 1, 16 and 64 connections and
     /// pipelined 16x16 (with ratios to the limit); 1,000 registrations;
     /// 10,000 idle connections; then with --seed VMs (100,000 by default)
-    /// one full all_vms, and 8 connections looping all_vms and all_disks
-    /// with a ping beside.
+    /// one full all_vms, every page of all_vms and all_disks (--page-size),
+    /// and 8 connections looping all_vms and all_disks with a ping beside.
     Issue8,
     /// issue8, then authenticate, update, active_vms and authenticated_vms.
     All,
@@ -163,6 +167,10 @@ pub struct Options {
         default_value = "all_vms,all_disks"
     )]
     pub lists: Vec<ListKind>,
+
+    /// Entries a page (`pages`): the `limit` of each `list` request.
+    #[arg(long, global = true, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub page_size: u32,
 
     /// While the lists run, one more connection pings sequentially; its
     /// latency is reported.

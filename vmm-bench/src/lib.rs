@@ -9,6 +9,7 @@
 //! - [`args`]: the command line.
 //! - [`steps`]: workloads and scenarios as steps, and what each one runs.
 //! - [`load`]: opening and setting up connections, the measuring loop.
+//! - [`pages`]: the `pages` workload, which checks what paging promises.
 //! - [`conn`]: one connection, raw bytes out, reply lines in.
 //! - [`net`]: connecting, spread over loopback source addresses.
 //! - [`canned`]: the limit server.
@@ -25,6 +26,7 @@ pub mod cpus;
 pub mod error;
 pub mod load;
 pub mod net;
+pub mod pages;
 pub mod report;
 pub mod rss;
 pub mod seed;

@@ -76,6 +76,11 @@ pub enum Step {
         until: Until,
         ping_beside: bool,
     },
+    /// Every page of each list in turn, on one connection.
+    Pages {
+        kinds: Vec<ListKind>,
+        page_size: u32,
+    },
     Idle {
         conns: usize,
     },
@@ -103,6 +108,10 @@ impl Step {
                 let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
                 let beside = if *ping_beside { ", ping beside" } else { "" };
                 format!("list {} on {conns} conns{beside}", kinds.join("+"))
+            }
+            Step::Pages { kinds, page_size } => {
+                let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                format!("every page of {} ({page_size} a page)", kinds.join(", "))
             }
             Step::Idle { conns } => format!("{conns} idle conns"),
         }
@@ -157,6 +166,10 @@ pub fn single(workload: &Workload, options: &Options) -> Vec<Step> {
         Workload::AllVms => lists(vec![ListKind::AllVms]),
         Workload::AllDisks => lists(vec![ListKind::AllDisks]),
         Workload::Lists => lists(options.lists.clone()),
+        Workload::Pages => Step::Pages {
+            kinds: options.lists.clone(),
+            page_size: options.page_size,
+        },
         Workload::Idle => Step::Idle { conns: conns(1000) },
         Workload::Scenario { name } => return scenario(*name, options),
     });
@@ -200,6 +213,10 @@ pub fn scenario(name: Scenario, options: &Options) -> Vec<Step> {
             conns: 1,
             until: once,
             ping_beside: false,
+        },
+        Step::Pages {
+            kinds: vec![ListKind::AllVms, ListKind::AllDisks],
+            page_size: options.page_size,
         },
         Step::Lists {
             kinds: vec![ListKind::AllVms, ListKind::AllDisks],
@@ -296,6 +313,7 @@ impl Bench {
                 until,
                 ping_beside,
             } => self.lists(kinds, *conns, *until, *ping_beside).await,
+            Step::Pages { kinds, page_size } => self.pages(kinds, *page_size).await,
             Step::Idle { conns } => self.idle(*conns).await,
         }
     }
@@ -605,7 +623,7 @@ impl Bench {
     /// operator token, or a session of the bench's own VM (registered and
     /// logged in once; every connection resumes with its token, which
     /// costs the server no hash).
-    async fn reader_request(&mut self) -> Result<Value> {
+    pub(crate) async fn reader_request(&mut self) -> Result<Value> {
         if let Some(token) = &self.options.admin_token {
             return Ok(json!({"command": "authenticate", "data": {"admin_token": token}}));
         }

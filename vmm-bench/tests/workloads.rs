@@ -126,6 +126,32 @@ async fn seeded_vms_are_listed_by_every_list_workload() {
     assert_eq!((again.seeding[0].existing, again.seeding[0].added), (50, 0));
     assert_eq!(again.rows[0].items_per_reply, Some(100));
 
+    // Every page, 7 entries a page: 52 VMs (the seeded, the bench's reader
+    // and this test's observer) in 8 pages, 100 disks in 15,
+    // each once and as many as the full lists.
+    let pages = bench(
+        &server,
+        &["pages", "--lists", "all_vms,all_disks", "--page-size", "7"],
+    )
+    .await;
+    clean(&pages, 2);
+    let walked: Vec<_> = pages
+        .rows
+        .iter()
+        .map(|row| (row.workload.as_str(), row.requests))
+        .collect();
+    assert_eq!(walked, [("all_vms pages", 8), ("all_disks pages", 15)]);
+    for expected in [
+        "all_vms in pages of 7: 52 entries in 8 pages, each exactly once",
+        "all_disks in pages of 7: 100 entries in 15 pages, each exactly once",
+    ] {
+        assert!(
+            pages.notes.iter().any(|note| note.starts_with(expected)),
+            "{expected}: {:?}",
+            pages.notes
+        );
+    }
+
     // Every list at once as the operator, with a ping beside.
     let lists = bench(
         &server,
